@@ -48,6 +48,8 @@ class Architecture:
     # preset name -> glob patterns over target names (fnmatch; "re:" prefix for a regex)
     presets: dict[str, tuple[str, ...]] = {}
     default_preset: str = ""
+    # first part of a target name -> the diffusers pipeline component that holds it
+    diffusers_components: dict[str, str] = {}
 
     def detect(self, keys: Collection[str]) -> bool:
         """True if an original-layout checkpoint with these keys is this architecture."""

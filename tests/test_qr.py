@@ -1,0 +1,130 @@
+"""The canonical basis: orthonormal, unique, exact, and what the official maths computes."""
+
+import pytest
+import torch
+
+from shared.qr import (apply_mask, basis_sketch, canonical_basis, delta_weight, masked_parameter_count,
+                       sketch_disagreement)
+from tests.official_reference import official_delta_weight, official_qr
+
+
+def trained_like(out_f, in_f, seed=0, decay=0.6):
+    """A weight with a decaying spectrum, as trained layers have (random Gaussians do not)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g))
+    s = (torch.arange(1, k + 1, dtype=torch.float32) ** -decay) * (1 + 0.05 * torch.rand(k, generator=g))
+    return (u * s) @ v.T
+
+
+SHAPES = [(96, 96), (64, 160), (200, 48)]  # square, wide (out < in), tall (out > in)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_orthonormal_with_positive_r_diagonal(shape):
+    w = trained_like(*shape)
+    r = 16
+    q = canonical_basis(w, r)
+    assert q.shape == (shape[0], r)
+    assert torch.allclose(q.T @ q, torch.eye(r), atol=1e-5)
+    # R = Qᵀ·W_core restricted to the first r columns is upper triangular with a positive diagonal
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    core = (u[:, :r] * s[:r]) @ vh[:r]
+    rr = q.double().T @ core[:, :r]
+    assert torch.all(torch.diagonal(rr) > 0)
+    assert torch.allclose(torch.tril(rr, -1), torch.zeros_like(rr), atol=1e-5)
+    # Q spans the top-r left singular subspace: projecting the core onto Q loses nothing
+    assert torch.allclose(q.double() @ (q.double().T @ core), core, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_and_float64_agree(shape):
+    w = trained_like(*shape, seed=1)
+    q32 = canonical_basis(w, 16, torch.float32)
+    q64 = canonical_basis(w, 16, torch.float64)
+    assert (q32.double() - q64).abs().max() < 1e-4
+
+
+def test_batched_in_any_order_equals_one_at_a_time():
+    ws = torch.stack([trained_like(80, 120, seed=s) for s in range(5)])
+    single = torch.stack([canonical_basis(w, 8) for w in ws])
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    shuffled = canonical_basis(ws[perm], 8)
+    assert torch.allclose(shuffled, single[perm], atol=1e-6)
+
+
+def test_lower_precision_copies_move_delta_w_as_design_says():
+    """DESIGN §3: fp16 moves ΔW by well under 0.2 %, bf16 by about 1 %, both far below a sign flip."""
+    w = trained_like(256, 256, seed=2)
+    r = 32
+    delta_r = torch.randn(r, 256, generator=torch.Generator().manual_seed(3))
+    exact = delta_weight(canonical_basis(w.double(), r, torch.float64), delta_r.double(), 1.0)
+
+    def moved(dtype):
+        q = canonical_basis(w.to(dtype), r)
+        return float((delta_weight(q, delta_r, 1.0).double() - exact).norm() / exact.norm())
+
+    fp16, bf16 = moved(torch.float16), moved(torch.bfloat16)
+    assert fp16 < 2e-3
+    assert bf16 < 3e-2
+    assert fp16 < bf16
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_delta_w_equals_official_maths_up_to_column_signs(shape):
+    w = trained_like(*shape, seed=4)
+    r = 12
+    q_off, _ = official_qr(w.double(), r)
+    q = canonical_basis(w, r, torch.float64)
+    signs = torch.sign(torch.diagonal(q.T @ q_off))
+    assert torch.allclose(q_off, q * signs, atol=1e-5)
+    dr_off = torch.randn(r, shape[1], dtype=torch.float64)
+    # the same ΔW, once the official ΔR's rows carry the column signs
+    ours = delta_weight(q, signs[:, None] * dr_off, 1.0, mask="triu")
+    theirs = official_delta_weight(q_off, dr_off, 1.0, triu=True)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_official_r_is_what_the_canonical_route_implies():
+    """Thin QR of the core's first r columns = first r columns of the full QR (reference §1.1)."""
+    w = trained_like(64, 96, seed=5)
+    q_off, r_off = official_qr(w.double(), 10)
+    signs = torch.sign(torch.diagonal(r_off[:, :10]))
+    assert torch.all(torch.diagonal(r_off[:, :10]) * signs > 0)
+    assert torch.allclose(canonical_basis(w, 10, torch.float64), q_off * signs, atol=1e-8)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rank 65 must be in 1..64"):
+        canonical_basis(torch.randn(64, 80), 65)
+    w = torch.randn(32, 32)
+    w[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        canonical_basis(w, 4)
+    with pytest.raises(ValueError, match="linearly dependent"):
+        z = torch.randn(32, 32)
+        z[:, :4] = 0  # the core's first columns are zero: no unique QR
+        canonical_basis(z, 4)
+    with pytest.raises(ValueError, match="unknown mask"):
+        apply_mask(torch.ones(2, 3), "lower")
+
+
+def test_mask_and_parameter_count():
+    dr = torch.ones(4, 10)
+    assert int(apply_mask(dr, "triu").sum()) == 40 - 6
+    assert masked_parameter_count(4, 10, "triu") == 34
+    assert masked_parameter_count(64, 3072, "triu") == 64 * 3072 - 2016  # reference §1.2
+
+
+def test_sketch_measures_basis_disagreement():
+    w = trained_like(128, 128, seed=6)
+    q = canonical_basis(w, 16)
+    assert sketch_disagreement(basis_sketch(q), basis_sketch(q)) == 0.0
+    flipped = q.clone()
+    flipped[:, 5] *= -1
+    assert sketch_disagreement(basis_sketch(q), basis_sketch(flipped)) > 0.1
+    q16 = canonical_basis(w.half(), 16)
+    true = float((q16 - q).norm() / q.norm())
+    est = sketch_disagreement(basis_sketch(q), basis_sketch(q16))
+    assert 0.2 * true < est < 5 * true
