@@ -1,0 +1,25 @@
+"""Small builders shared by the tests."""
+
+import torch
+
+from shared.archs import Target
+from shared.basis import Basis, compute_basis
+from shared.deltar import from_basis
+
+
+def synthetic_basis(arch="sdxl", rank=4, shapes=((24, 16), (16, 40), (48, 16)), seed=0, prefix="unet.blocks"):
+    """A basis over made-up layers with random weights (enough for file-format tests)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [Target(f"{prefix}.{i}.to_q", f"model.{i}.weight", None, tuple(s)) for i, s in enumerate(shapes)]
+    weights = {t.name: torch.randn(*t.shape, generator=g) for t in targets}
+    q, bid = compute_basis(lambda t: weights[t.name], targets, arch, rank, device="cpu")
+    return Basis(arch, rank, targets, q, bid, "test-layers"), weights
+
+
+def random_delta_r(basis, seed=1, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return {t.name: torch.randn(basis.rank, t.shape[1], generator=g) * scale for t in basis.targets}
+
+
+def synthetic_file(basis, seed=1, alpha=None, mask="triu", **kw):
+    return from_basis(basis, random_delta_r(basis, seed), alpha=alpha or basis.rank, mask=mask, **kw)
