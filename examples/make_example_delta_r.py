@@ -1,0 +1,28 @@
+"""Write a ΔR file with random ΔR on a given basis (a stand-in for a trained file)."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from shared import deltar  # noqa: E402
+from shared.basis import load_basis  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("basis")
+parser.add_argument("output")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--scale", type=float, default=0.01)
+args = parser.parse_args()
+
+basis = load_basis(args.basis)
+g = torch.Generator().manual_seed(args.seed)
+delta_r = {t.name: torch.randn(basis.rank, t.shape[1], generator=g) * args.scale for t in basis.targets}
+name = os.path.splitext(os.path.basename(args.output))[0]
+d = deltar.from_basis(basis, delta_r, alpha=basis.rank, mask="triu",
+                      metadata={"qrlora.note": "random ΔR written by examples/make_example_delta_r.py"})
+deltar.save(d, args.output, output_name=name, base_model=basis.source.get("base_model", ""))
+print(f"wrote {args.output} ({len(d.layers)} layers, rank {d.rank}, basis {d.basis_id})")
