@@ -78,14 +78,15 @@ class Architecture:
         return chosen
 
     def patterns(self, spec: str | Sequence[str]) -> tuple[str, ...]:
-        if isinstance(spec, str):
-            if spec in self.presets:
-                return self.presets[spec]
-            if not any(ch in spec for ch in "*?[.") and not spec.startswith("re:"):
-                known = ", ".join(sorted(self.presets))
-                raise ValueError(f"unknown {self.title} target preset {spec!r}; presets: {known}; or give patterns")
-            return (spec,)
-        return tuple(spec)
+        """Glob/regex patterns for a preset name, a pattern, or a list mixing both."""
+        if not isinstance(spec, str):
+            return tuple(p for item in spec for p in self.patterns(item))
+        if spec in self.presets:
+            return self.presets[spec]
+        if not any(ch in spec for ch in "*?[.") and not spec.startswith("re:"):
+            known = ", ".join(sorted(self.presets))
+            raise ValueError(f"unknown {self.title} target preset {spec!r}; presets: {known}; or give patterns")
+        return (spec,)
 
 
 def _match(pattern: str, name: str) -> bool:
