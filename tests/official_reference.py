@@ -13,7 +13,7 @@ def official_qr(weight: torch.Tensor, rank: int, scale: float = 1.0):
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     core = u[:, :rank] @ torch.diag(s[:rank] / scale) @ vh[:rank, :]
     q, r = torch.linalg.qr(core, mode="reduced")
-    return q[:, :rank].clone(), r[:rank, :].clone()
+    return q[:, :rank].contiguous(), r[:rank, :].contiguous()
 
 
 def official_delta_weight(q, delta_r, scale=1.0, triu=True):
