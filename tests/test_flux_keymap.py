@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from _flux_oracle import diffusers_reference
 from shared import archs
 from shared.archs.flux import Flux, checkpoint_prefix, diffusers_to_bfl
+from shared.tiny.real import FLUX_DEV_TRANSFORMER as REAL_CONFIG
 
 FLUX = Flux()
 PREFIX = "model.diffusion_model."
@@ -23,12 +24,6 @@ OFFICIAL_MODULES = (
 )
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
-# FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
-REAL_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)
 
 
 @pytest.fixture(scope="module")

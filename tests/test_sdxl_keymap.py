@@ -9,21 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from shared.archs.sdxl import SDXL, TE2_PREFIX, UNET_PREFIX, UNetLayout
+from shared.tiny.real import CLIP_BIGG, CLIP_L, SDXL_BASE_UNET
 from shared.tiny.sdxl import UNET_CONFIG, build_components, clip_checkpoint_keys, sgm_state_dict
 
 ARCH = SDXL()
 
-SDXL_BASE_UNET = dict(
-    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280], cross_attention_dim=2048, layers_per_block=2,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    use_linear_projection=True,
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 projection_dim=1280, hidden_act="gelu")
 # Other layouts the index arithmetic must handle: SD1.5 (4 levels, conv proj_in, an up block
 # without attention first) and a 2-level, 1-res-block UNet.
 SD15_UNET = dict(
