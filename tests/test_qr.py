@@ -128,3 +128,18 @@ def test_sketch_measures_basis_disagreement():
     true = float((q16 - q).norm() / q.norm())
     est = sketch_disagreement(basis_sketch(q), basis_sketch(q16))
     assert 0.2 * true < est < 5 * true
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scipy_subset_route_equals_torch_eigh_route(shape, monkeypatch):
+    """With SciPy the CPU uses syrk + syevr; without it, matmul + torch.linalg.eigh. Same Q."""
+    import sys
+
+    pytest.importorskip("scipy")
+    w = trained_like(*shape, seed=7)
+    with_scipy = canonical_basis(w, 8)
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)  # makes `from scipy.linalg import ...` fail
+    without = canonical_basis(w, 8)
+    assert (with_scipy - without).abs().max() < 1e-5
+    batch = canonical_basis(torch.stack([w, w.flip(0)]), 8)
+    assert torch.allclose(batch[0], without, atol=1e-5)
