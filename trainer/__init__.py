@@ -1,0 +1,1 @@
+"""kohya-style QR-LoRA trainer: ``python -m trainer --config dog.toml``."""
