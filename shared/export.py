@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from . import archs
+from .archs import Target
 from .deltar import DeltaR, standard_metadata
 
 
@@ -27,48 +28,66 @@ def _require_q(d: DeltaR, q: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"basis Q of {n} has shape {tuple(q[n].shape)}, expected ({d.targets[n].shape[0]}, {d.rank})")
 
 
-def to_kohya(d: DeltaR, q: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float16):
-    """(tensors, metadata) of a kohya-format LoRA equal to this ΔR file."""
-    _require_q(d, q)
-    arch = archs.get(d.arch)
-    modules: dict[str, list] = {}  # kohya module -> [(target, rows), ...], full out
+def kohya_state_dict(
+    arch_name: str,
+    targets: Mapping[str, Target],
+    ups: Mapping[str, torch.Tensor],
+    downs: Mapping[str, torch.Tensor],
+    scale: float,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
+    """kohya-format tensors for per-layer factors with ΔW = scale·up·down.
+
+    Layers that share one original module (fused FLUX qkv/linear1) become one module: up is
+    block-diagonal (each slice's up on its rows), down the stacked downs, and alpha grows
+    with the stacked rank so that alpha/rank stays ``scale``.
+    """
+    arch = archs.get(arch_name)
+    modules: dict[str, list] = {}  # kohya module -> [(layer, rows), ...]
     full_out: dict[str, int] = {}
-    for name in d.layers:
-        target = d.targets[name]
+    for name in downs:
+        target = targets[name]
         if not target.key:
             raise ValueError(f"layer {name}: the file does not say where it lives in the original layout")
         module, rows, out_f = arch.kohya_module(target)
         modules.setdefault(module, []).append((name, rows))
         full_out[module] = out_f
     tensors: dict[str, torch.Tensor] = {}
-    r = d.rank
     for module, parts in modules.items():
         if len(parts) == 1 and parts[0][1] is None:
-            name = parts[0][0]
-            up, down = q[name], d.layers[name]
+            up, down = ups[parts[0][0]], downs[parts[0][0]]
         else:
-            up = torch.zeros(full_out[module], r * len(parts))
-            downs = []
-            for i, (name, rows) in enumerate(parts):
+            widths = [downs[name].shape[0] for name, _ in parts]
+            up = torch.zeros(full_out[module], sum(widths))
+            col = 0
+            for (name, rows), width in zip(parts, widths):
                 start, stop = rows if rows else (0, full_out[module])
-                up[start:stop, i * r : (i + 1) * r] = q[name]
-                downs.append(d.layers[name])
-            down = torch.cat(downs)
-        rank = up.shape[1]
-        tensors[f"{module}.lora_up.weight"] = up.to(dtype)
-        tensors[f"{module}.lora_down.weight"] = down.to(dtype)
-        tensors[f"{module}.alpha"] = torch.tensor(d.scale * rank, dtype=dtype)
+                up[start:stop, col : col + width] = ups[name]
+                col += width
+            down = torch.cat([downs[name] for name, _ in parts])
+        tensors[f"{module}.lora_up.weight"] = up.to(dtype).contiguous()
+        tensors[f"{module}.lora_down.weight"] = down.to(dtype).contiguous()
+        tensors[f"{module}.alpha"] = torch.tensor(scale * up.shape[1], dtype=dtype)
+    return tensors
+
+
+def kohya_metadata(arch_name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata of a kohya LoRA file (``networks.lora``, ``…/lora`` modelspec)."""
+    meta = dict(extra or {})
+    arch = archs.get(arch_name)
+    meta.update({"ss_network_module": "networks.lora", "modelspec.architecture": arch.modelspec_architecture})
+    return meta
+
+
+def to_kohya(d: DeltaR, q: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float16):
+    """(tensors, metadata) of a kohya-format LoRA equal to this ΔR file: up = Q, down = ΔR."""
+    _require_q(d, q)
+    tensors = kohya_state_dict(d.arch, d.targets, q, d.layers, d.scale, dtype)
     meta = standard_metadata(d)
     meta.update({k: v for k, v in d.metadata.items() if k.startswith(("ss_", "modelspec."))})
-    meta.update(
-        {
-            "ss_network_module": "networks.lora",
-            "ss_network_args": "{}",
-            "modelspec.architecture": arch.modelspec_architecture,
-            "qrlora.exported_from": d.basis_id,
-        }
-    )
-    return tensors, meta
+    meta["ss_network_args"] = "{}"
+    meta["qrlora.exported_from"] = d.basis_id
+    return tensors, kohya_metadata(d.arch, meta)
 
 
 def to_diffusers(d: DeltaR, q: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float16):
