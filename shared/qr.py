@@ -35,7 +35,7 @@ def canonical_basis(weight: torch.Tensor, rank: int, compute_dtype: torch.dtype 
     out_f, in_f = weight.shape[-2:]
     if not 0 < rank <= min(out_f, in_f):
         raise ValueError(f"rank {rank} must be in 1..{min(out_f, in_f)} for a {out_f}×{in_f} weight")
-    w = weight.to(compute_dtype)
+    w = weight.detach().to(compute_dtype)
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight contains NaN or Inf")
     if out_f <= in_f:
