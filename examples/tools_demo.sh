@@ -6,15 +6,15 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../out/tools_demo}"
 mkdir -p "$out"
-export QRLORA_CACHE="$out/basis_cache"
+export QRLORA_CACHE="$out/cache"
 
 echo "== a tiny SDXL checkpoint in the SGM layout A1111 and Forge load"
 qrlora make-tiny --arch sdxl -o "$out/tiny"
 qrlora inspect "$out/tiny/tiny-sdxl.safetensors"
 
 echo "== its basis at rank 8 on kohya's SDXL layer set (computed once, then a cache hit)"
-qrlora basis "$out/tiny/tiny-sdxl.safetensors" --rank 8 -o "$out/basis-r8.safetensors" --cache "$QRLORA_CACHE"
-qrlora basis "$out/tiny/tiny-sdxl.safetensors" --rank 8 -o "$out/basis-r8.safetensors" --cache "$QRLORA_CACHE"
+qrlora basis "$out/tiny/tiny-sdxl.safetensors" --rank 8 -o "$out/basis-r8.safetensors" --cache "$QRLORA_CACHE/basis"
+qrlora basis "$out/tiny/tiny-sdxl.safetensors" --rank 8 -o "$out/basis-r8.safetensors" --cache "$QRLORA_CACHE/basis"
 
 echo "== two ΔR files on that basis (stand-ins for trained ones)"
 python "$here/make_example_delta_r.py" "$out/basis-r8.safetensors" "$out/dog.safetensors" --seed 1

@@ -20,7 +20,9 @@ class CliError(Exception):
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("QRLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qrlora", "basis")
+    """Bases live in ``$QRLORA_CACHE/basis`` (default ``~/.cache/qrlora/basis``)."""
+    root = os.environ.get("QRLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qrlora")
+    return os.path.join(root, "basis")
 
 
 class ProgressBar:
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--basis", help="basis file (qrlora basis ...)")
         g.add_argument("--base", help="base checkpoint to compute the basis from (cached)")
-        sp.add_argument("--cache", help=f"basis cache folder (default {default_cache_dir()}, or $QRLORA_CACHE)")
+        sp.add_argument("--cache", help=f"basis cache folder (default {default_cache_dir()}, i.e. $QRLORA_CACHE/basis)")
         sp.add_argument("--device", default="auto", help="where to compute a basis: auto, cpu, cuda")
         sp.add_argument("--max-disagreement", type=float, default=0.01,
                         help="largest measured basis disagreement accepted when the basis id differs (default 1%%)")

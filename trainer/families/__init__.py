@@ -1,0 +1,186 @@
+"""Model families: everything the trainer does differently for SDXL, FLUX, ...
+
+The loop, data, caching, checkpointing and export never branch on the model: they call one
+``ModelFamily`` (musubi-tuner's one-subclass-per-family shape, much smaller). A family is
+one module in this package that defines a subclass and decorates it with ``@register``;
+adding FLUX is adding ``flux.py``.
+
+Layer names are the project's layout-independent ones (``shared.archs``): ``unet.…``,
+``te1.text_model.…``, ``te2.text_model.…`` for SDXL; the same names ΔR and basis files use.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def cache_root(*parts: str) -> str:
+    """Where the trainer keeps derived files (tiny models, tokenizers): ``$QRLORA_CACHE`` if
+    set, else ``~/.cache/qrlora``."""
+    root = os.environ.get("QRLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qrlora")
+    return os.path.join(root, *parts)
+
+
+@dataclass
+class Models:
+    """The loaded components of one base model, frozen, on their device."""
+
+    family: str  # ModelFamily.name
+    denoiser: torch.nn.Module  # SDXL: diffusers UNet2DConditionModel; FLUX: the transformer
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any  # the training scheduler (SDXL: DDPMScheduler)
+    basis_source: str | None  # the original-layout single file, when the weights came from one
+    identity: str  # names the base weights (and VAE) for caches; content-derived, not path-derived
+    weight_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    device: torch.device
+    tokenizer_source: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # family-private (readers, configs, ...)
+
+
+class ModelFamily(abc.ABC):
+    """One model family. Stateless: everything loaded lives in ``Models``."""
+
+    name: str = ""  # "sdxl"; also the shared.archs architecture name
+    builtin_models: tuple[str, ...] = ()  # names usable as "builtin:<name>"
+
+    # ----------------------------------------------------------------- loading
+    @abc.abstractmethod
+    def recognises(self, pretrained: str) -> bool:
+        """True if ``model.pretrained`` (builtin name, single file or folder) is this family."""
+
+    @abc.abstractmethod
+    def load(self, model_cfg: Any, device: str | torch.device, weight_dtype: torch.dtype) -> Models:
+        """Load the base model. ``model_cfg`` has ``pretrained`` and optional ``config_dir``,
+        ``tokenizer``, ``vae``; nothing is ever downloaded."""
+
+    # ----------------------------------------------------------------- layers
+    @abc.abstractmethod
+    def trainable_modules(self, models: Models, include_text_encoders: bool) -> dict[str, torch.nn.Linear]:
+        """Every targetable Linear, by layer name, in model order (text encoders optional)."""
+
+    @abc.abstractmethod
+    def targets(self, models: Models) -> list:
+        """``shared.archs.Target`` of every targetable layer (names as in ``trainable_modules``,
+        original-layout key and rows, shape): what ΔR and basis files record."""
+
+    @abc.abstractmethod
+    def base_weight(self, models: Models, name: str) -> torch.Tensor:
+        """The layer's base weight as stored in the model's file(s), in the stored dtype, rows
+        already sliced: the input of ``shared.basis.compute_basis`` when there is no single file."""
+
+    # ----------------------------------------------------------------- training
+    @abc.abstractmethod
+    def encode_prompts(self, models: Models, captions: Sequence[str], with_grad: bool = False) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of captions (tensors with a leading batch axis, so they
+        can be cached and concatenated). ``with_grad``: the text encoders are being trained."""
+
+    @abc.abstractmethod
+    def encode_images(self, models: Models, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> the latents the denoiser is trained on (float32)."""
+
+    @abc.abstractmethod
+    def training_loss(
+        self,
+        models: Models,
+        batch: dict[str, Any],
+        conds: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample loss (B,) for one batch; ``timesteps`` fixes them (validation, tests)."""
+
+    # ----------------------------------------------------------------- sampling
+    @abc.abstractmethod
+    def sample(
+        self,
+        models: Models,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        seed: int | None = None,
+        sampler: str = "euler_a",
+    ):
+        """One image (PIL.Image) for a prompt, with the adapters currently applied."""
+
+    def default_size(self, models: Models) -> tuple[int, int]:
+        """(width, height) the model was trained at; the sample size when a prompt names none."""
+        return 1024, 1024
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _load_builtin() -> None:
+    from . import sdxl  # noqa: F401  (registers itself)
+
+
+def family_names() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    _load_builtin()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def detect_family(pretrained: str) -> ModelFamily:
+    """The family of ``model.pretrained``: a ``builtin:`` name, a single file or a folder."""
+    _load_builtin()
+    if pretrained.startswith(BUILTIN_PREFIX):
+        name = pretrained[len(BUILTIN_PREFIX):]
+        for family in _FAMILIES.values():
+            if name in family.builtin_models:
+                return family
+        known = sorted(BUILTIN_PREFIX + n for f in _FAMILIES.values() for n in f.builtin_models)
+        raise ValueError(f"unknown built-in model {pretrained!r}; built-in: {', '.join(known)}")
+    if not os.path.exists(pretrained):
+        raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist")
+    for family in _FAMILIES.values():
+        if family.recognises(pretrained):
+            return family
+    raise ValueError(
+        f"model.pretrained: {pretrained} is not a model this trainer knows (families: {', '.join(sorted(_FAMILIES))}); "
+        "expected an original-layout single-file .safetensors checkpoint or a diffusers model folder"
+    )
+
+
+def file_fingerprint(paths: Sequence[str], chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
+    """A content digest of model files without reading them whole: each file's size, its first
+    MiB (a safetensors header names every tensor and its offsets) and ``chunks`` evenly spaced
+    samples. Location-independent, so a copied or renamed checkpoint keeps its caches, and
+    any fine-tune (which changes every tensor) gets a new one."""
+    h = hashlib.sha256()
+    for i, path in enumerate(paths):
+        size = os.path.getsize(path)
+        h.update(f"{i}:{size};".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            for i in range(chunks):
+                f.seek(max(0, (size - chunk_bytes) * i // max(1, chunks - 1)))
+                h.update(f.read(chunk_bytes))
+    return h.hexdigest()[:16]
