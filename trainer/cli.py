@@ -1,0 +1,97 @@
+"""``python -m trainer --config FILE.toml [--set section.key=value ...] [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from shared.qr import masked_parameter_count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Train a QR-LoRA (or a LoRA) kohya-style.")
+    p.add_argument("--config", required=True, help="the training TOML (model, network, training, ..., dataset)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set training.learning_rate=5e-5")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the dataset plan, targets and step counts; load no weights")
+    return p
+
+
+def dry_run(cfg) -> dict:
+    """Everything knowable without loading weights."""
+    from trainer import setup
+    from trainer.data import TrainData
+    from trainer.dataset_config import plan_summary
+
+    plan = cfg.dataset_plan()
+    data = TrainData(plan, cfg.training.seed)
+    sched = setup.schedule(cfg, data)
+    report = {
+        "config": cfg.to_dict(),
+        "dataset": plan_summary(plan),
+        "buckets": [{"resolution": list(b), "samples_per_epoch": n} for b, n in data.bucket_counts()],
+        "batches_per_epoch": sched.batches_per_epoch,
+        "steps_per_epoch": sched.steps_per_epoch,
+        "total_steps": sched.total_steps,
+        "epochs": sched.epochs,
+        "warnings": list(cfg.warnings) + list(plan.warnings),
+    }
+    targets = setup.header_targets(cfg)
+    if targets is not None:
+        n = cfg.network
+        if n.type == "qrlora":
+            params = sum(masked_parameter_count(n.rank, t.shape[1], n.mask) for t in targets)
+        else:
+            params = sum(n.rank * (t.shape[0] + t.shape[1]) for t in targets)
+        report["targets"] = {"count": len(targets), "trainable_parameters": params,
+                             "layers": [t.name for t in targets]}
+    return report
+
+
+def format_dry_run(r: dict) -> str:
+    lines = ["resolved config:", json.dumps(r["config"], indent=1), "", "dataset plan:"]
+    for d in r["dataset"]["datasets"]:
+        lines.append(f"  {d.get('source', 'dataset')}: " + ", ".join(f"{k} {v}" for k, v in d.items()
+                                                                      if not isinstance(v, (list, dict)) and k != "source"))
+        for s in d.get("subsets", []):
+            lines.append("    " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (list, dict))))
+    lines.append("  buckets: " + ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]}: {b['samples_per_epoch']}"
+                                           for b in r["buckets"]))
+    lines.append(f"  {r['batches_per_epoch']} batches per epoch, {r['steps_per_epoch']} steps per epoch, "
+                 f"{r['total_steps']} steps in {r['epochs']} epochs")
+    if "targets" in r:
+        t = r["targets"]
+        lines.append(f"targets: {t['count']} layers, {t['trainable_parameters']:,} trainable parameters")
+    for w in r["warnings"]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from trainer.config import load_config
+    from trainer.schema import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.dry_run:
+            print(format_dry_run(dry_run(cfg)))
+            return 0
+        from trainer.loop import run
+
+        return run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Everything a run needs before its first step: model, targets, basis, adapters, data, optimizer.
+
+Kept apart from the loop so that ``--dry-run``, the loop and the tests build the same things
+the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shared import archs
+from shared.archs import Target
+from shared.basis import Basis, BasisCache, compute_basis
+from shared.cli import ProgressBar, default_cache_dir
+from trainer.cache import LatentCache, TextCache
+from trainer.config import Config
+from trainer.data import TrainData
+from trainer.families import BUILTIN_PREFIX, ModelFamily, Models, detect_family, get_family
+from trainer.network import AdapterNetwork
+from trainer.optim import make_optimizer, make_scheduler
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Schedule:
+    batches_per_epoch: int  # all processes together
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    epochs: int
+
+
+def family_for(cfg: Config) -> ModelFamily:
+    if cfg.model.family != "auto":
+        return get_family(cfg.model.family)
+    return detect_family(cfg.model.pretrained)
+
+
+def target_spec(cfg: Config, arch: archs.Architecture):
+    return cfg.network.targets or arch.default_preset
+
+
+def select_targets(cfg: Config, family: ModelFamily, all_targets: list[Target], te_names: set[str]) -> list[Target]:
+    """The configured targets; with ``train_text_encoder`` also every text-encoder layer."""
+    chosen = archs.get(family.name).select(all_targets, target_spec(cfg, archs.get(family.name)))
+    if cfg.network.train_text_encoder:
+        have = {t.name for t in chosen}
+        chosen += [t for t in all_targets if t.name in te_names and t.name not in have]
+    return chosen
+
+
+def load_models(cfg: Config, device: torch.device) -> tuple[ModelFamily, Models]:
+    family = family_for(cfg)
+    models = family.load(cfg.model, device, WEIGHT_DTYPES[cfg.training.mixed_precision])
+    for module in [models.denoiser, models.vae, *models.text_encoders]:
+        module.requires_grad_(False)
+    models.vae.eval()
+    for te in models.text_encoders:
+        te.eval()
+    models.denoiser.train()  # diffusers' gradient checkpointing only runs in training mode
+    if cfg.training.gradient_checkpointing and hasattr(models.denoiser, "enable_gradient_checkpointing"):
+        models.denoiser.enable_gradient_checkpointing()
+    return family, models
+
+
+def layer_modules(cfg: Config, family: ModelFamily, models: Models):
+    """(targets, {name: nn.Linear}) of this run."""
+    all_modules = family.trainable_modules(models, include_text_encoders=True)
+    unet_only = family.trainable_modules(models, include_text_encoders=False)
+    te_names = set(all_modules) - set(unet_only)
+    targets = select_targets(cfg, family, family.targets(models), te_names)
+    return targets, {t.name: all_modules[t.name] for t in targets}
+
+
+def make_basis(cfg: Config, family: ModelFamily, models: Models, targets: list[Target], device, quiet=False) -> Basis:
+    """The canonical basis of these targets: from the cache, else computed from the file the
+    weights came from (or the loaded base weights when there is no single file)."""
+    cache = BasisCache(cfg.network.basis_cache or default_cache_dir())
+    names = [t.name for t in targets]
+    progress = None if quiet else ProgressBar("basis")
+    if models.basis_source:
+        basis, _ = cache.get_or_compute(models.basis_source, cfg.network.rank, names, family.name,
+                                        device=device, progress=progress)
+        return basis
+    q, bid = compute_basis(lambda t: family.base_weight(models, t.name), targets, family.name, cfg.network.rank,
+                           device=device, progress=progress)
+    basis = Basis(family.name, cfg.network.rank, list(targets), q, bid, names,
+                  {"base_model": os.path.basename(os.path.normpath(cfg.model.pretrained))})
+    cache.store(basis)
+    return basis
+
+
+def make_network(cfg: Config, modules, basis: Basis | None) -> AdapterNetwork:
+    n = cfg.network
+    alpha = n.alpha if n.alpha is not None else float(n.rank)
+    if n.type == "qrlora":
+        return AdapterNetwork.qrlora(modules, basis.q, alpha, n.mask, n.dropout)
+    return AdapterNetwork.lora(modules, n.rank, alpha, n.dropout)
+
+
+def make_data(cfg: Config, plan, models: Models | None) -> TrainData:
+    t = cfg.training
+    latent_cache = text_cache = None
+    cache_dir = os.path.join(t.output_dir, "cache")
+    if models is not None and (t.cache_latents or t.cache_latents_to_disk):
+        latent_cache = LatentCache(cache_dir if t.cache_latents_to_disk else None, models.identity)
+    if models is not None and (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk):
+        text_cache = TextCache(cache_dir if t.cache_text_encoder_outputs_to_disk else None,
+                               f"{models.identity}/{models.tokenizer_source}")
+    return TrainData(plan, t.seed, latent_cache, text_cache)
+
+
+def schedule(cfg: Config, data: TrainData, num_processes: int = 1) -> Schedule:
+    t = cfg.training
+    per_epoch = data.steps_per_epoch(num_processes, t.gradient_accumulation_steps)
+    total = t.max_train_epochs * per_epoch if t.max_train_epochs else t.max_train_steps
+    return Schedule(len(data), per_epoch, total, math.ceil(total / per_epoch))
+
+
+def make_optimization(cfg: Config, network: AdapterNetwork, te_names: set[str], total_steps: int):
+    t = cfg.training
+    denoiser = [p for n, a in network.items() if n not in te_names for p in a.parameters() if p.requires_grad]
+    text = [p for n, a in network.items() if n in te_names for p in a.parameters() if p.requires_grad]
+    groups = [{"params": denoiser, "lr": t.learning_rate}]
+    if text:
+        groups.append({"params": text, "lr": cfg.network.text_encoder_lr or t.learning_rate})
+    optimizer = make_optimizer(t.optimizer, groups, t.learning_rate, t.optimizer_args)
+    scheduler = make_scheduler(t.lr_scheduler, optimizer, total_steps, t.warmup_steps(total_steps),
+                               t.lr_scheduler_num_cycles)
+    return optimizer, scheduler
+
+
+def header_targets(cfg: Config) -> list[Target] | None:
+    """Target layers from a checkpoint's header alone (for --dry-run; no weights loaded)."""
+    from shared.checkpoint import SafetensorsFile
+
+    family = family_for(cfg)
+    path = cfg.model.pretrained
+    if path.startswith(BUILTIN_PREFIX):
+        tiny = getattr(family, "tiny_model", None)
+        if tiny is None:
+            return None
+        path = tiny()[0]
+    if not os.path.isfile(path):
+        return None
+    arch = archs.get(family.name)
+    all_targets = arch.linear_targets(SafetensorsFile(path).shapes())
+    return select_targets(cfg, family, all_targets, text_encoder_names(arch, all_targets))
+
+
+def text_encoder_names(arch: archs.Architecture, targets: list[Target]) -> set[str]:
+    """Layers that live in a text encoder (their diffusers component is ``text_encoder*``)."""
+    return {t.name for t in targets if arch.diffusers_components.get(t.name.split(".", 1)[0], "").startswith("text_encoder")}
