@@ -57,7 +57,10 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.training
         device = t.device
-        self.accelerator = Accelerator(cpu=(device == "cpu"))
+        # cpu=True also when there is no accelerator at all: only then does accelerate join
+        # processes started by torchrun/`accelerate launch --multi_gpu` over gloo on the CPU.
+        use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=use_cpu)
         acc = self.accelerator
         self.device = acc.device if device in ("auto", "cpu") else torch.device(device)
         self.is_main = acc.is_main_process
