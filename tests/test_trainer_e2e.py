@@ -174,3 +174,16 @@ def test_config_errors_exit_2_with_the_message(tmp_path, capsys):
     cfg = write_config(str(tmp_path), extra="learning_rat = 1e-4")
     assert main(["--config", cfg]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_latent_and_text_caches_are_reused_across_runs(tmp_path):
+    cfg = write_config(str(tmp_path), steps=2, extra="cache_latents_to_disk = true\ncache_text_encoder_outputs_to_disk = true")
+    logs = []
+    for _ in range(2):
+        tr = Trainer(load_config(cfg), log=logs.append)
+        tr.prepare()
+        assert tr.train() == 0
+    cached = [line for line in logs if line.startswith("cached latents of")]
+    assert cached == ["cached latents of 6 images", "cached latents of 0 images"]
+    assert os.path.isdir(tmp_path / "out" / "cache" / "latents")
+    assert os.path.isdir(tmp_path / "out" / "cache" / "text")
