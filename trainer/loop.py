@@ -63,6 +63,9 @@ class Trainer:
         self.accelerator = Accelerator(cpu=use_cpu)
         acc = self.accelerator
         self.device = acc.device if device in ("auto", "cpu") else torch.device(device)
+        # fp16 gradients underflow without loss scaling (bf16 and fp32 need none)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(t.mixed_precision == "fp16"
+                                                                      and self.device.type == "cuda"))
         self.is_main = acc.is_main_process
         torch.manual_seed(t.seed)
         self.plan = cfg.dataset_plan()
@@ -147,7 +150,7 @@ class Trainer:
                 f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}, batch {position}); stopping. "
                 "The last good checkpoint is kept. Lower the learning rate, or use bf16/fp32 instead of fp16."
             )
-        (loss / accumulation).backward()
+        self.scaler.scale(loss / accumulation).backward()
         return loss.item()
 
     def optimizer_step(self) -> float:
@@ -165,9 +168,12 @@ class Trainer:
         norm = 0.0
         if self.accelerator.num_processes > 1:
             self.check_in_sync(params)
+        # after the all-reduce, so that every process sees the same inf/NaN and skips alike
+        self.scaler.unscale_(self.optimizer)
         if self.cfg.training.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.training.max_grad_norm))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
