@@ -1,0 +1,148 @@
+"""The host-independent session: prompt tags in, fused groups to apply out.
+
+A host adapter calls ``Engine.plan`` from its ``ExtraNetwork.activate`` with the tags' items
+and a ``ModelInfo`` describing the loaded model, then applies ``Plan.groups`` its own way.
+Every problem becomes one message in ``Plan.messages`` and leaves the affected file out;
+nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from . import core, syntax
+from .bases import BasisResolver
+from .library import Library, LookupFailed
+from .planner import FileCache, Fuser, FusedGroup, Member
+from .settings import Options
+
+UNKNOWN = "unknown"  # ModelInfo.layer_shape: the layer exists, its shape cannot be read (packed 4-bit)
+
+
+@dataclass
+class ModelInfo:
+    arch: str | None  # "sdxl", "flux", or None for a model QR-LoRA does not support
+    checkpoint: str | None  # the loaded checkpoint's file on disk
+    layer_shape: Callable[[object], object]  # Target -> (out, in), None (absent) or UNKNOWN
+    description: str = ""  # what the model is, for messages ("SD 1.5")
+
+
+@dataclass
+class Plan:
+    groups: list[FusedGroup] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # prompt name -> short hash
+
+    @property
+    def identity(self) -> str:
+        return "/".join(g.identity for g in self.groups)
+
+    def say(self, text: str) -> None:
+        if text and text not in self.messages:
+            self.messages.append(text)
+
+
+class Engine:
+    def __init__(self, options: Options, folders: Callable[[], Sequence[str]], basis_folder: Callable[[], str],
+                 log: Callable[[str], None] = print, status: Callable[[str], None] = lambda s: None):
+        self.options = options
+        self.log = log
+        self.basis_folder = basis_folder
+        self.library = Library(folders, excluded=lambda: [basis_folder()])
+        self.files = FileCache()
+        self.resolver = BasisResolver(basis_folder, lambda: options.basis_device, log, status, keep=2)
+        self.fuser = Fuser()
+        self._recent: list[set[str]] = []  # files used by the last plans (first pass and hires pass)
+
+    def plan(self, tags_items: Sequence[Sequence[str]], model: ModelInfo) -> Plan:
+        plan = Plan()
+        if not tags_items:
+            return plan
+        if model.arch is None:
+            plan.say(f"QR-LoRA works on SDXL (and FLUX in Forge); the loaded model is {model.description or 'something else'}: "
+                     "tags ignored")
+            return plan
+        members = []
+        for items in tags_items:
+            member = self._member(items, model, plan)
+            if member is not None:
+                members.append(member)
+        self._recent = (self._recent + [{m.path for m in members}])[-2:]
+        self.files.keep_only(set().union(*self._recent))  # loaded files no recent prompt uses are dropped
+        groups: dict[str, list[Member]] = {}
+        for m in members:
+            groups.setdefault(m.deltar.basis_id, []).append(m)
+        for basis_id, group in groups.items():
+            fused = self._fuse(group, model, plan)
+            if fused is not None:
+                plan.groups.append(fused)
+        if len(plan.groups) > 1:
+            parts = "; ".join(f"{g.title} (basis {g.basis_id})" for g in plan.groups)
+            plan.say(f"files trained on different bases are applied separately, not fused: {parts}")
+        if self.options.hashes_in_infotext:
+            for m in members:
+                if any(m.label in g.labels for g in plan.groups):
+                    entry = self.library.resolve(m.label)
+                    short = self.library.shorthash(entry)
+                    if short:
+                        plan.hashes[m.label] = short
+        return plan
+
+    def _member(self, items: Sequence[str], model: ModelInfo, plan: Plan) -> Member | None:
+        try:
+            tag = syntax.parse_tag(items, self.options.default_multiplier)
+        except syntax.TagError as e:
+            plan.say(str(e))
+            return None
+        for w in tag.warnings:
+            plan.say(w)
+        try:
+            entry = self.library.resolve(tag.name)
+        except LookupFailed as e:
+            plan.say(str(e))
+            return None
+        try:
+            d, st = self.files.load(entry.path, expect_arch=model.arch)
+        except (core.FileFormatError, OSError) as e:
+            plan.say(f"<qrlora:{tag.name}> not applied: {e}")
+            return None
+        problem = _layer_problem(d, model)
+        if problem:
+            plan.say(f"<qrlora:{tag.name}> not applied: {problem}")
+            return None
+        return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet)
+
+    def _fuse(self, group: list[Member], model: ModelInfo, plan: Plan) -> FusedGroup | None:
+        carrier = next((m for m in group if m.deltar.q), group[0])  # a portable file brings the exact Q
+        label = "+".join(f"<qrlora:{m.label}>" for m in group)
+        res = self.resolver.resolve(carrier.deltar, label, model.checkpoint, self.options.policy, self.options.threshold)
+        if res.message:
+            plan.say(res.message)
+        if res.refused:
+            return None
+        fused = self.fuser.fuse(group, res.q)
+        if not fused.layers:
+            plan.say(f"{label}: nothing to apply (all multipliers are 0 or the files are empty)")
+            return None
+        return fused
+
+
+def _layer_problem(d, model: ModelInfo) -> str:
+    """Why file ``d`` cannot go on the loaded model's layers, or ""."""
+    bad = []
+    for name, target in d.targets.items():
+        shape = model.layer_shape(target)
+        if shape == UNKNOWN:
+            continue
+        if shape is None:
+            bad.append(f"{name}: not in the loaded model")
+        elif tuple(shape) != tuple(target.shape):
+            bad.append(f"{name}: {target.shape[0]}×{target.shape[1]} in the file, "
+                       f"{shape[0]}×{shape[1]} in the loaded model")
+    if not bad:
+        return ""
+    where = os.path.basename(model.checkpoint or "") or "the loaded model"
+    return (f"{len(bad)} of {len(d.targets)} layers do not fit {where} (first: {bad[0]}); "
+            "the file was trained for another model")

@@ -1,0 +1,133 @@
+"""From resolved tags to what gets applied: files grouped by basis, fused per layer.
+
+For the files of one basis, every layer gets one ΔR: ``Σᵢ mᵢ·sᵢ·ΔRᵢ`` (mᵢ = the tag's te or
+unet multiplier, sᵢ = alphaᵢ/r), so the host applies ``W + Q·ΔR_fused`` once, whatever the
+number of files. Files on different bases form separate groups, applied one after another.
+Loaded files and fused groups are cached, so changing λ re-fuses small r × in tensors and
+never touches a basis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import core, keymap
+
+
+@dataclass
+class Member:
+    label: str  # the name as written in the prompt
+    path: str
+    mtime_ns: int
+    size: int
+    deltar: object  # shared.deltar.DeltaR
+    te: float
+    unet: float
+
+    def coefficient(self, layer: str) -> float:
+        m = self.te if keymap.is_text_encoder(layer) else self.unet
+        return m * self.deltar.scale
+
+
+@dataclass
+class FusedLayer:
+    target: object  # shared.archs.Target
+    q: torch.Tensor  # out × r, float32
+    delta: torch.Tensor  # r × in, float32; s and λ included: ΔW = q @ delta
+
+
+@dataclass
+class FusedGroup:
+    basis_id: str
+    arch: str
+    labels: list[str]
+    layers: dict[str, FusedLayer]
+    identity: str  # changes whenever a file, its contents or a multiplier changes
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return "+".join(self.labels)
+
+
+class FileCache:
+    """Loaded ΔR files by path, reloaded when the file's mtime or size changes."""
+
+    def __init__(self):
+        self._files: dict[str, tuple[int, int, object]] = {}
+        self.loads = 0
+
+    def load(self, path: str, expect_arch: str | None):
+        st = os.stat(path)
+        hit = self._files.get(path)
+        if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+            d = hit[2]
+            if expect_arch and d.arch != expect_arch:
+                raise core.FileFormatError(f"{path}: trained for {d.arch}, but the loaded model is {expect_arch}")
+            return d, st
+        d = core.deltar.load(path, expect_arch=expect_arch)
+        self.loads += 1
+        self._files[path] = (st.st_mtime_ns, st.st_size, d)
+        return d, st
+
+    def keep_only(self, paths) -> None:
+        keep = set(paths)
+        for p in [p for p in self._files if p not in keep]:
+            del self._files[p]
+
+
+def identity(basis_id: str, members: list[Member]) -> str:
+    data = [basis_id] + [[os.path.realpath(m.path), m.mtime_ns, m.size, repr(float(m.te)), repr(float(m.unet))]
+                         for m in members]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:12]
+
+
+class Fuser:
+    """Fused groups by identity (a small LRU: the first pass's and the hires pass's)."""
+
+    def __init__(self, keep: int = 2):
+        self._groups: OrderedDict[str, FusedGroup] = OrderedDict()
+        self._keep = keep
+        self.fusions = 0
+
+    def fuse(self, members: list[Member], q: dict[str, torch.Tensor]) -> FusedGroup:
+        ident = identity(members[0].deltar.basis_id, members)
+        cached = self._groups.get(ident)
+        if cached is not None:
+            self._groups.move_to_end(ident)
+            return cached
+        group = fuse(members, q, ident)
+        self.fusions += 1
+        self._groups[ident] = group
+        while len(self._groups) > self._keep:
+            self._groups.popitem(last=False)
+        return group
+
+
+def fuse(members: list[Member], q: dict[str, torch.Tensor], ident: str) -> FusedGroup:
+    first = members[0].deltar
+    order: list[str] = []
+    for m in members:
+        order.extend(n for n in m.deltar.layers if n not in order)
+    layers: dict[str, FusedLayer] = {}
+    with torch.no_grad():
+        for name in order:
+            total = None
+            for m in members:
+                dr = m.deltar.layers.get(name)
+                c = m.coefficient(name)
+                if dr is None or c == 0.0:
+                    continue
+                term = dr.to(torch.float32) * c
+                total = term if total is None else total.add_(term)
+            if total is None or not bool(total.any()):
+                continue  # nothing to apply on this layer (untrained or λ = 0)
+            target = next(m.deltar.targets[name] for m in members if name in m.deltar.targets)
+            layers[name] = FusedLayer(target, q[name], total)
+    return FusedGroup(first.basis_id, first.arch, [m.label for m in members], layers, ident)

@@ -1,0 +1,151 @@
+"""The ``<qrlora:…>`` tag and the infotext field, without any host.
+
+A WebUI splits ``<qrlora:dog:0.8:te=0.5>`` at ``:`` into items ``["dog", "0.8", "te=0.5"]``
+(A1111 v1.10 / Forge ``modules/extra_networks.py``: ``parse_prompt``, ``ExtraNetworkParams``:
+an item with exactly one ``=`` split is named, everything else positional). Positional
+arguments are the name and λ; everything else is ``key=value``:
+
+- ``te=`` / ``unet=``: λ for the text-encoder / UNet layers (default: λ), as Lora's
+  ``<lora:name:te=…:unet=…>``;
+- anything else gives a readable warning and is ignored. Keys reserved for later
+  (``lbw=`` per-block weights) are recognised and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+TAG = "qrlora"
+INFOTEXT_KEY = "QR-LoRA hashes"
+
+# key -> what it is, for keys a later version will understand
+RESERVED = {
+    "lbw": "per-block weights (lbw=) are not supported yet",
+    "preset": "block presets are not supported yet",
+    "dyn": "dyn= has no meaning for QR-LoRA (the rank is fixed by the basis)",
+}
+NUMERIC = ("te", "unet")
+
+
+class TagError(ValueError):
+    """A tag that cannot be used at all (no name, bad λ, a name reaching outside the folder)."""
+
+
+@dataclass
+class Tag:
+    name: str
+    multiplier: float
+    te: float
+    unet: float
+    options: dict[str, str] = field(default_factory=dict)  # understood later (lbw=, ...)
+    warnings: list[str] = field(default_factory=list)
+
+    def multiplier_for(self, text_encoder: bool) -> float:
+        return self.te if text_encoder else self.unet
+
+
+def split_items(items: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Positional and named items, as the WebUIs split them."""
+    positional, named = [], {}
+    for item in items:
+        parts = str(item).split("=", 2)
+        if len(parts) == 2:
+            named[parts[0].strip().lower()] = parts[1].strip()
+        else:
+            positional.append(str(item))
+    return positional, named
+
+
+def check_name(name: str) -> str:
+    """The name normalised to ``/`` separators; refuses anything that is not a plain relative name."""
+    name = name.strip().replace("\\", "/")
+    if not name:
+        raise TagError("a <qrlora:…> tag needs a file name: <qrlora:name:1.0>")
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or "\x00" in name or any(p in ("", ".") for p in parts):
+        raise TagError(
+            f"<qrlora:{name}>: names must refer to files inside the QR-LoRA folder "
+            "(a file name or a path relative to the folder, without '..')"
+        )
+    return name
+
+
+def _number(text: str, what: str, tag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TagError(f"<qrlora:{tag}>: {what} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise TagError(f"<qrlora:{tag}>: {what} must be a finite number, not {text!r}")
+    return value
+
+
+def parse_tag(items: Sequence[str], default_multiplier: float = 1.0) -> Tag:
+    """One tag's items -> Tag; TagError if it cannot be used."""
+    positional, named = split_items(items)
+    if not positional:
+        raise TagError("a <qrlora:…> tag needs a file name: <qrlora:name:1.0>")
+    name = check_name(positional[0])
+    warnings = []
+    multiplier = float(default_multiplier)
+    if len(positional) > 1 and positional[1].strip():
+        multiplier = _number(positional[1].strip(), "λ", name)
+    if len(positional) > 2:
+        extra = ":".join(positional[2:])
+        warnings.append(
+            f"<qrlora:{name}>: extra argument {extra!r} ignored; use te=… / unet=… for separate multipliers"
+        )
+    te = unet = multiplier
+    options = {}
+    for key, value in named.items():
+        if key == "te":
+            te = _number(value, "te=", name)
+        elif key == "unet":
+            unet = _number(value, "unet=", name)
+        elif key in RESERVED:
+            options[key] = value
+            warnings.append(f"<qrlora:{name}>: {RESERVED[key]}; {key}={value} ignored")
+        else:
+            known = ", ".join(f"{k}=" for k in NUMERIC)
+            warnings.append(f"<qrlora:{name}>: unknown option {key}={value} ignored (known: {known})")
+    return Tag(name, multiplier, te, unet, options, warnings)
+
+
+# ----------------------------------------------------------------- infotext
+_REMOVE = str.maketrans("", "", ":,")
+
+
+def infotext_name(name: str) -> str:
+    """A name as it can appear in ``QR-LoRA hashes`` (Lora strips ``:`` and ``,`` the same way)."""
+    return name.translate(_REMOVE)
+
+
+def format_hashes(hashes: Mapping[str, str]) -> str:
+    return ", ".join(f"{infotext_name(k)}: {v}" for k, v in hashes.items() if v)
+
+
+def parse_hashes(text: str | None) -> dict[str, str]:
+    out = {}
+    for part in (text or "").split(","):
+        name, sep, value = part.partition(":")
+        if sep and name.strip() and value.strip():
+            out[name.strip()] = value.strip().lower()
+    return out
+
+
+_RE_TAG_NAME = re.compile(r"<qrlora:([^:>]+)([:>])")
+
+
+def rewrite_prompt(prompt: str, hashes: Mapping[str, str], name_for_hash: Callable[[str], str | None]) -> str:
+    """Point each ``<qrlora:NAME:`` whose NAME has a recorded hash at the file that has that
+    hash now (a renamed or moved file), as Lora's ``infotext_pasted`` does for ``Lora hashes``."""
+
+    def replace(m: re.Match) -> str:
+        short = hashes.get(infotext_name(m.group(1)))
+        current = name_for_hash(short) if short else None
+        return f"<qrlora:{current}{m.group(2)}" if current else m.group(0)
+
+    return _RE_TAG_NAME.sub(replace, prompt)

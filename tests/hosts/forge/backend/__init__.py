@@ -1,0 +1,1 @@
+"""Stand-in of Forge's ``backend`` package: patchers and LoRA merging (see backend/patcher)."""

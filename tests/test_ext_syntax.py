@@ -1,0 +1,61 @@
+"""The <qrlora:…> tag and the infotext field, without any host."""
+
+import pytest
+
+from extension import syntax
+
+
+def tag(text, default=1.0):
+    return syntax.parse_tag(text.split(":"), default)
+
+
+def test_name_and_lambda():
+    t = tag("dog:0.8")
+    assert (t.name, t.multiplier, t.te, t.unet, t.warnings) == ("dog", 0.8, 0.8, 0.8, [])
+
+
+def test_default_lambda_from_settings():
+    assert tag("dog", default=0.6).multiplier == 0.6
+    assert tag("dog:", default=0.6).multiplier == 0.6
+
+
+def test_te_and_unet_override_lambda():
+    t = tag("dog:0.8:te=0.2:unet=1.1")
+    assert (t.te, t.unet) == (0.2, 1.1)
+    assert t.multiplier_for(True) == 0.2 and t.multiplier_for(False) == 1.1
+    assert tag("dog:te=0").te == 0.0 and tag("dog:te=0").unet == 1.0
+
+
+def test_unknown_and_reserved_keys_warn():
+    t = tag("dog:1:lbw=1,0,0.5:color=red")
+    assert t.options == {"lbw": "1,0,0.5"}
+    assert any("lbw=" in w and "not supported yet" in w for w in t.warnings)
+    assert any("unknown option color=red" in w and "te=" in w for w in t.warnings)
+    assert tag("dog:1:0.5").warnings  # a third positional argument is not silently taken
+
+
+@pytest.mark.parametrize("bad", ["dog:abc", "dog:nan", "dog:inf", "dog:1:te=x", ""])
+def test_bad_numbers_and_empty(bad):
+    with pytest.raises(syntax.TagError):
+        tag(bad)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/passwd", "a/../b", "..", "./x", "a//b", "\\\\server\\x", "a\\..\\b"])
+def test_names_cannot_leave_the_folder(name):
+    with pytest.raises(syntax.TagError, match="inside the QR-LoRA folder"):
+        syntax.check_name(name)
+
+
+def test_relative_names_are_normalised():
+    assert syntax.check_name("styles\\water color") == "styles/water color"
+
+
+def test_infotext_round_trip_and_paste():
+    text = syntax.format_hashes({"dog": "aaaaaaaaaaaa", "a:b,c": "bbbbbbbbbbbb"})
+    assert text == "dog: aaaaaaaaaaaa, abc: bbbbbbbbbbbb"
+    hashes = syntax.parse_hashes(text)
+    assert hashes == {"dog": "aaaaaaaaaaaa", "abc": "bbbbbbbbbbbb"}
+    renamed = {"aaaaaaaaaaaa": "pets/dog_v2"}
+    prompt = "x <qrlora:dog:0.5> y <qrlora:cat:1> <lora:dog:1> <qrlora:dog>"
+    out = syntax.rewrite_prompt(prompt, hashes, renamed.get)
+    assert out == "x <qrlora:pets/dog_v2:0.5> y <qrlora:cat:1> <lora:dog:1> <qrlora:pets/dog_v2>"
