@@ -90,7 +90,9 @@ def test_detect_family(tiny, folder, family):
 def test_sgm_file_and_diffusers_folder_agree(tiny, folder, tokenizer_dir, family):
     # the cached built-in file, loaded as a user's single file with its config dir
     config_dir = os.path.join(os.path.dirname(tiny.basis_source), "config")
-    as_file = family.load(SimpleNamespace(pretrained=tiny.basis_source, config_dir=config_dir), "cpu", torch.float32)
+    # a user's single file has no tokenizer of its own: give one, as offline users must
+    as_file = family.load(SimpleNamespace(pretrained=tiny.basis_source, config_dir=config_dir, tokenizer=tokenizer_dir),
+                          "cpu", torch.float32)
     as_folder = family.load(SimpleNamespace(pretrained=folder, tokenizer=tokenizer_dir), "cpu", torch.float32)
     assert as_folder.basis_source is None and as_file.basis_source == tiny.basis_source
     assert as_file.identity == tiny.identity and as_folder.identity != tiny.identity
@@ -218,9 +220,10 @@ def test_sample_size_and_seed(tiny, family, sampler):
         family.sample(tiny, "x", sampler="nope")
 
 
-def test_vae_override(tiny, folder, family):
+def test_vae_override(tiny, folder, tokenizer_dir, family):
     config_dir = os.path.join(os.path.dirname(tiny.basis_source), "config")
-    cfg = SimpleNamespace(pretrained=tiny.basis_source, config_dir=config_dir, vae=os.path.join(folder, "vae"))
+    cfg = SimpleNamespace(pretrained=tiny.basis_source, config_dir=config_dir, vae=os.path.join(folder, "vae"),
+                          tokenizer=tokenizer_dir)
     models = family.load(cfg, "cpu", torch.float16)
     _assert_same_weights(models.vae, tiny.vae)  # fp16 weights: the VAE stays float32
     assert models.vae.dtype == torch.float32 and models.denoiser.dtype == torch.float16
