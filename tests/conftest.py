@@ -22,3 +22,17 @@ def tiny_flux(tmp_path_factory):
     from shared.tiny import make_tiny
 
     return make_tiny("flux", str(tmp_path_factory.mktemp("tiny-flux")), seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/qrlora (bases, tiny models, tokenizers);
+    subprocesses inherit the variable."""
+    folder = str(tmp_path_factory.mktemp("qrlora-cache-session"))
+    old = os.environ.get("QRLORA_CACHE")
+    os.environ["QRLORA_CACHE"] = folder
+    yield folder
+    if old is None:
+        os.environ.pop("QRLORA_CACHE", None)
+    else:
+        os.environ["QRLORA_CACHE"] = old
