@@ -25,8 +25,8 @@ from collections import OrderedDict
 
 import torch
 
-from . import keymap, syntax
-from .engine import ModelInfo
+from . import keymap
+from .engine import ModelInfo, report_plan
 
 Q_KEY = "qrlora_q.weight"
 DELTA_KEY = "qrlora_delta_r.weight"
@@ -136,16 +136,7 @@ class A1111Adapter:
             raise
         finally:
             self.sync()
-        for text in plan.messages:
-            self.log(text)
-            if hasattr(p, "comment"):
-                p.comment(f"QR-LoRA: {text}")
-        if self.engine.options.hashes_in_infotext:
-            if not getattr(p, "is_hr_pass", False) or not hasattr(p, "qrlora_hashes"):
-                p.qrlora_hashes = {}
-            p.qrlora_hashes.update(plan.hashes)
-            if p.qrlora_hashes:
-                p.extra_generation_params[syntax.INFOTEXT_KEY] = syntax.format_hashes(p.qrlora_hashes)
+        report_plan(p, plan, self.engine.options, self.log)
 
     def deactivate(self, p) -> None:
         pass  # like Lora: weights are restored lazily when the wanted set changes

@@ -129,6 +129,21 @@ class Engine:
         return fused
 
 
+def report_plan(p, plan: Plan, options: Options, log: Callable[[str], None]) -> None:
+    """What both hosts do with a plan: messages to the console and the infotext comment,
+    and the ``QR-LoRA hashes`` field (accumulated across the hires pass, as Lora does)."""
+    for text in plan.messages:
+        log(text)
+        if hasattr(p, "comment"):
+            p.comment(f"QR-LoRA: {text}")
+    if options.hashes_in_infotext:
+        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "qrlora_hashes"):
+            p.qrlora_hashes = {}
+        p.qrlora_hashes.update(plan.hashes)
+        if p.qrlora_hashes:
+            p.extra_generation_params[syntax.INFOTEXT_KEY] = syntax.format_hashes(p.qrlora_hashes)
+
+
 def _layer_problem(d, model: ModelInfo) -> str:
     """Why file ``d`` cannot go on the loaded model's layers, or ""."""
     bad = []

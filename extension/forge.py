@@ -32,8 +32,8 @@ from collections import OrderedDict
 
 import torch
 
-from . import keymap, syntax
-from .engine import UNKNOWN, ModelInfo
+from . import keymap
+from .engine import UNKNOWN, ModelInfo, report_plan
 
 _PLAIN = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -59,16 +59,7 @@ class ForgeAdapter:
         p.qrlora_plan = None  # an exception below must not leave the previous plan in force
         plan = self.engine.plan([list(params.items) for params in params_list], self.model_info(sd_model))
         p.qrlora_plan = plan
-        for text in plan.messages:
-            self.log(text)
-            if hasattr(p, "comment"):
-                p.comment(f"QR-LoRA: {text}")
-        if self.engine.options.hashes_in_infotext:
-            if not getattr(p, "is_hr_pass", False) or not hasattr(p, "qrlora_hashes"):
-                p.qrlora_hashes = {}
-            p.qrlora_hashes.update(plan.hashes)
-            if p.qrlora_hashes:
-                p.extra_generation_params[syntax.INFOTEXT_KEY] = syntax.format_hashes(p.qrlora_hashes)
+        report_plan(p, plan, self.engine.options, self.log)
 
     def deactivate(self, p) -> None:
         pass

@@ -204,7 +204,7 @@ def load_basis(path: str) -> Basis:
     f = SafetensorsFile(path)
     q = {}
     for target in layers:
-        name, (out_f, in_f) = target.name, target.shape
+        name, out_f = target.name, target.shape[0]
         key = f"{name}.q"
         if key not in header:
             raise FileFormatError(f"{path}: layer {name} is listed but tensor {key!r} is missing")

@@ -1,7 +1,6 @@
 """The trainer end to end on the built-in tiny SDXL: learns, saves what it trained, resumes
 exactly, survives SIGTERM, and the demo runs."""
 
-import copy
 import os
 import shutil
 import signal
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from shared import deltar

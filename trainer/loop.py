@@ -191,7 +191,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
-        cfg, t, s = self.cfg, self.cfg.training, self.cfg.saving
+        cfg, t = self.cfg, self.cfg.training
         acc = self.accelerator
         accumulation = t.gradient_accumulation_steps
         self.install_signal_handlers()
