@@ -185,3 +185,46 @@ def test_latent_and_text_caches_are_reused_across_runs(tmp_path):
     assert cached == ["cached latents of 6 images", "cached latents of 0 images"]
     assert os.path.isdir(tmp_path / "out" / "cache" / "latents")
     assert os.path.isdir(tmp_path / "out" / "cache" / "text")
+
+
+def test_text_encoder_training_adds_te_layers_with_their_own_lr(tmp_path):
+    cfg = load_config(write_config(str(tmp_path), steps=2,
+                                   network='type = "qrlora"\nrank = 4\ntrain_text_encoder = true\ntext_encoder_lr = 5e-4'))
+    tr = Trainer(cfg, log=lambda s: None)
+    tr.prepare()
+    assert tr.te_names and all(n.startswith(("te1.", "te2.")) for n in tr.te_names)
+    assert [g["lr"] for g in tr.optimizer.param_groups] == [2e-3, 5e-4]
+    assert tr.train() == 0
+    d = deltar.load(str(tmp_path / "out" / "dog.safetensors"))
+    te_layers = [n for n in d.names if n.startswith("te")]
+    assert te_layers and any(float(d.layers[n].abs().max()) > 0 for n in te_layers)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_save(tmp_path, monkeypatch):
+    cfg = load_config(write_config(str(tmp_path), steps=6, saving="save_every_n_steps = 2"))
+    logs = []
+    tr = Trainer(cfg, log=logs.append)
+    tr.prepare()
+    real_loss = tr.family.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(tr.family, "training_loss", poisoned)
+    assert tr.train() == 1
+    assert any("loss is nan at step 4" in line and "last good checkpoint is kept" in line for line in logs)
+    out = tmp_path / "out"
+    assert (out / "dog-step000002.safetensors").exists()
+    assert not (out / "dog.safetensors").exists()  # no final file from a broken run
+    d = deltar.load(str(out / "dog-step000002.safetensors"))
+    assert all(torch.isfinite(t).all() for t in d.layers.values())
+
+
+def test_save_last_n_keeps_the_newest_periodic_saves(tmp_path):
+    cfg = write_config(str(tmp_path), steps=8, saving="save_every_n_steps = 2\nsave_last_n = 2\nsave_state = false")
+    assert main(["--config", cfg]) == 0
+    files = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors") and not f.startswith("basis"))
+    assert files == ["dog-step000004.safetensors", "dog-step000006.safetensors", "dog.safetensors"]
