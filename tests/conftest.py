@@ -36,3 +36,14 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("QRLORA_CACHE", None)
     else:
         os.environ["QRLORA_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def single_threaded():
+    """Thousands of tiny tensor ops: one thread avoids OpenMP overhead on busy CPUs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from shared import deltar
-from tests.hosts import models
-from tests.hosts.harness import Host
-from tests.hosts.world import (check_applied, check_original, make_world, original_rows, parameters, target_weight,
+from tests.hosts.world import (check_applied, check_original, make_world, open_host, original_rows, parameters, target_weight,
                                write_file)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_ops_single_threaded():
-    """Thousands of tiny tensor ops: one thread avoids OpenMP overhead on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +20,6 @@ def world(tiny_sdxl, tmp_path_factory):
     return make_world(str(tmp_path_factory.mktemp("ext-world")), tiny_sdxl.checkpoint)
 
 
-def open_host(kind, world, **kw):
-    h = Host(kind, world.root, world.qrlora_dir, lora_dir=world.lora_dir, basis_dir=world.basis_dir, **kw)
-    h.load_model(models.a1111_sdxl(world.checkpoint) if kind == "a1111" else models.forge_sdxl(world.checkpoint))
-    h.original = parameters(h)
-    return h
 
 
 @pytest.fixture(params=["a1111", "forge"])

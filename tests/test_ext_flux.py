@@ -14,12 +14,7 @@ from tests.hosts import models
 from tests.hosts.harness import Host
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_ops_single_threaded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def test_forge_flux_row_slices(tiny_flux, tmp_path):

@@ -10,17 +10,11 @@ from shared import deltar
 from shared.basis import basis_from_checkpoint, save_basis
 from shared.checkpoint import SafetensorsFile, save_atomic
 from tests.helpers import random_delta_r
-from tests.hosts import models
-from tests.hosts.harness import P, Host
-from tests.hosts.world import check_applied, check_original, make_world, parameters, target_weight
+from tests.hosts.harness import P
+from tests.hosts.world import check_applied, check_original, make_world, open_host, target_weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _small_ops_single_threaded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +22,6 @@ def world(tiny_sdxl, tmp_path_factory):
     return make_world(str(tmp_path_factory.mktemp("ext-hosts")), tiny_sdxl.checkpoint)
 
 
-def open_host(kind, world, basis_dir=None, checkpoint=None):
-    h = Host(kind, world.root, world.qrlora_dir, lora_dir=world.lora_dir, basis_dir=basis_dir or world.basis_dir)
-    sd = models.a1111_sdxl(world.checkpoint) if kind == "a1111" else models.forge_sdxl(world.checkpoint)
-    if checkpoint is not None:
-        sd.sd_checkpoint_info.filename = sd.filename = checkpoint
-    h.load_model(sd)
-    h.original = parameters(h)
-    return h
 
 
 @pytest.fixture

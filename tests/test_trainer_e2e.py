@@ -142,9 +142,13 @@ def test_sigterm_leaves_a_resumable_state(tmp_path):
     progress = json.load(open(os.path.join(state, "progress.json")))
     assert progress["step"] > 0
     # it really continues from there: two more steps, then the final file says so
-    tr = Trainer(load_config(cfg, [f"saving.resume={state}"]), log=lambda s: None)
+    tr = Trainer(load_config(cfg, [f"saving.resume={state}", f"training.max_train_steps={progress['step'] + 2}"]),
+                 log=lambda s: None)
     tr.prepare()
     assert tr.step == progress["step"]
+    assert tr.train() == 0
+    final = deltar.load(str(tmp_path / "out" / "dog.safetensors"))
+    assert final.metadata["ss_steps"] == str(progress["step"] + 2)
 
 
 def test_lora_baseline_trains_and_saves_kohya_format(tmp_path):

@@ -64,8 +64,11 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device if device in ("auto", "cpu") else torch.device(device)
         # fp16 gradients underflow without loss scaling (bf16 and fp32 need none)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(t.mixed_precision == "fp16"
-                                                                      and self.device.type == "cuda"))
+        use_scaler = t.mixed_precision == "fp16" and self.device.type == "cuda"
+        if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        else:
+            self.scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
         self.is_main = acc.is_main_process
         torch.manual_seed(t.seed)
         self.plan = cfg.dataset_plan()

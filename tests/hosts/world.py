@@ -137,3 +137,18 @@ def check_applied(host, world: World, original: dict, weights: dict[str, float],
 def check_original(host, original: dict) -> None:
     for key, value in parameters(host).items():
         assert torch.equal(value, original[key]), f"{key} not restored bit-exactly"
+
+
+def open_host(kind: str, world: World, basis_dir: str | None = None, checkpoint: str | None = None):
+    """A stand-in host of ``kind`` with the tiny SDXL loaded (optionally pretending the model's
+    checkpoint file is ``checkpoint``) and its original parameters recorded."""
+    from tests.hosts import models
+    from tests.hosts.harness import Host
+
+    h = Host(kind, world.root, world.qrlora_dir, lora_dir=world.lora_dir, basis_dir=basis_dir or world.basis_dir)
+    sd = models.a1111_sdxl(world.checkpoint) if kind == "a1111" else models.forge_sdxl(world.checkpoint)
+    if checkpoint is not None:
+        sd.sd_checkpoint_info.filename = sd.filename = checkpoint
+    h.load_model(sd)
+    h.original = parameters(h)
+    return h
