@@ -1,10 +1,10 @@
 """Applying ``<qrlora:a:λ> <qrlora:b:μ>`` vs the two exported standard LoRAs, full-size SDXL.
 
 A module tree holding only SDXL base's 722 UNet transformer linears (``sdxl-all``) at their
-real shapes (``shared.tiny.real.real_shapes``), random fp16 weights, in the A1111 stand-in
+real shapes (``qrlora.tiny.real.real_shapes``), random fp16 weights, in the A1111 stand-in
 (``tests/hosts``: the built-in Lora extension's load / backup / merge / restore semantics).
 Two ΔR files at r = 64 on a basis that is already in memory ("warm"), and the same two files
-exported with ``shared.export.to_kohya``:
+exported with ``qrlora.export.to_kohya``:
 
 - first apply: from the prompt to merged weights, files read from disk (page cache);
 - re-apply after a λ change (files and networks already in memory).
@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shared import archs, deltar  # noqa: E402
-from shared.basis import Basis  # noqa: E402
-from shared.checkpoint import save_atomic  # noqa: E402
-from shared.export import to_kohya  # noqa: E402
-from shared.tiny.real import real_shapes  # noqa: E402
+from qrlora import archs, deltar  # noqa: E402
+from qrlora.basis import Basis  # noqa: E402
+from qrlora.checkpoint import save_atomic  # noqa: E402
+from qrlora.export import to_kohya  # noqa: E402
+from qrlora.tiny.real import real_shapes  # noqa: E402
 from tests.hosts.harness import Host  # noqa: E402
 
 

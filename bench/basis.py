@@ -1,6 +1,6 @@
 """Basis computation for SDXL's 722 transformer linears at r = 64, on full-size shapes.
 
-Ours (shared.qr.canonical_basis through shared.basis.compute_basis, batched per shape)
+Ours (qrlora.qr.canonical_basis through qrlora.basis.compute_basis, batched per shape)
 against the official way (full fp32 SVD, rank-r core, full reduced QR), both timed in this
 run on the same random weights of every distinct shape and extrapolated by the number of
 layers of that shape; Q agreement after sign alignment, between the two and against a
@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shared import archs  # noqa: E402
-from shared.archs import Target  # noqa: E402
-from shared.basis import Basis, BasisCache, compute_basis  # noqa: E402
-from shared.qr import canonical_basis  # noqa: E402
-from shared.tiny.real import real_shapes  # noqa: E402
+from qrlora import archs  # noqa: E402
+from qrlora.archs import Target  # noqa: E402
+from qrlora.basis import Basis, BasisCache, compute_basis  # noqa: E402
+from qrlora.qr import canonical_basis  # noqa: E402
+from qrlora.tiny.real import real_shapes  # noqa: E402
 from tests.official_reference import official_qr  # noqa: E402
 
 

@@ -25,8 +25,8 @@ VARIANTS = ("qrlora", "lora", "peft")
 
 
 def unet_config(model: str) -> dict:
-    from shared.tiny.real import SDXL_BASE_UNET
-    from shared.tiny.sdxl import UNET_CONFIG
+    from qrlora.tiny.real import SDXL_BASE_UNET
+    from qrlora.tiny.sdxl import UNET_CONFIG
 
     if model == "tiny":
         return dict(UNET_CONFIG)
@@ -55,8 +55,8 @@ def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from shared import archs
-    from shared.basis import compute_basis
+    from qrlora import archs
+    from qrlora.basis import compute_basis
     from trainer.network import AdapterNetwork
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
              and any(archs._match(p, "unet." + n) for p in preset)]
     modules = {n: unet.get_submodule(n) for n in names}
     if variant == "qrlora":
-        from shared.archs import Target
+        from qrlora.archs import Target
 
         targets = [Target(n, "", None, tuple(m.weight.shape)) for n, m in modules.items()]
         q, _ = compute_basis(lambda t: modules[t.name].weight.detach(), targets, "sdxl", rank, device="cpu")

@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shared import deltar  # noqa: E402
-from shared.basis import load_basis  # noqa: E402
+from qrlora import deltar  # noqa: E402
+from qrlora.basis import load_basis  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("basis")

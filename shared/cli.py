@@ -1,4 +1,4 @@
-"""The `qrlora` command (also `python -m shared`)."""
+"""The `qrlora` command (also `python -m qrlora`)."""
 
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -5,13 +6,25 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, ROOT)  # for ``tests.hosts``; the core is imported only as ``qrlora``
+
+
+def _load_extension_package():
+    """The WebUI extension as ``qrlora_ext``, loaded by path exactly as ``scripts/qrlora.py`` does
+    (it is not installed: only a WebUI loads it), so tests can ``from qrlora_ext import syntax``."""
+    spec = importlib.util.spec_from_file_location("qrlora_bootstrap", os.path.join(ROOT, "extension", "_bootstrap.py"))
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    return bootstrap.load_package("qrlora_ext", os.path.join(ROOT, "extension"))
+
+
+_load_extension_package()
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    """The tiny SGM-layout SDXL checkpoint (shared.tiny.TinyModel), built once per session."""
-    from shared.tiny import make_tiny
+    """The tiny SGM-layout SDXL checkpoint (qrlora.tiny.TinyModel), built once per session."""
+    from qrlora.tiny import make_tiny
 
     return make_tiny("sdxl", str(tmp_path_factory.mktemp("tiny-sdxl")), seed=0)
 
@@ -19,7 +32,7 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     """The tiny BFL-layout FLUX checkpoint and its VAE/CLIP-L/T5 files, built once per session."""
-    from shared.tiny import make_tiny
+    from qrlora.tiny import make_tiny
 
     return make_tiny("flux", str(tmp_path_factory.mktemp("tiny-flux")), seed=0)
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from shared.archs import Target
-from shared.basis import Basis, compute_basis
-from shared.deltar import from_basis
+from qrlora.archs import Target
+from qrlora.basis import Basis, compute_basis
+from qrlora.deltar import from_basis
 
 
 def synthetic_basis(arch="sdxl", rank=4, shapes=((24, 16), (16, 40), (48, 16)), seed=0, prefix="unet.blocks"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared import archs, basis as basis_mod
-from shared.basis import BasisCache, agreement, basis_from_checkpoint, compute_basis, load_basis, save_basis
-from shared.checkpoint import FileFormatError
-from shared.tiny.sdxl import build_components, clip_checkpoint_keys
+from qrlora import archs, basis as basis_mod
+from qrlora.basis import BasisCache, agreement, basis_from_checkpoint, compute_basis, load_basis, save_basis
+from qrlora.checkpoint import FileFormatError
+from qrlora.tiny.sdxl import build_components, clip_checkpoint_keys
 
 RANK = 4
 
@@ -61,7 +61,7 @@ def test_basis_file_round_trip_and_errors(tiny_sdxl, tmp_path):
 
     tensors = load_file(path)
     first = f"{b.targets[0].name}.q"
-    from shared.checkpoint import read_header
+    from qrlora.checkpoint import read_header
 
     meta = read_header(path)[1]
     tensors[first] = torch.zeros(3, 3)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from shared import deltar
-from shared.basis import load_basis
-from shared.cli import main
+from qrlora import deltar
+from qrlora.basis import load_basis
+from qrlora.cli import main
 from tests.helpers import random_delta_r
 
 RANK = 4

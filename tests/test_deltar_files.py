@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared import deltar
-from shared.basis import SKETCH_KEY
-from shared.checkpoint import FileFormatError, read_header
+from qrlora import deltar
+from qrlora.basis import SKETCH_KEY
+from qrlora.checkpoint import FileFormatError, read_header
 from tests.helpers import synthetic_basis, synthetic_file
 
 

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from shared import archs, deltar
-from shared.basis import basis_from_checkpoint
-from shared.checkpoint import SafetensorsFile
-from shared.export import to_diffusers, to_kohya
-from shared.tiny.sdxl import UNET_CONFIG, build_components
+from qrlora import archs, deltar
+from qrlora.basis import basis_from_checkpoint
+from qrlora.checkpoint import SafetensorsFile
+from qrlora.export import to_diffusers, to_kohya
+from qrlora.tiny.sdxl import UNET_CONFIG, build_components
 from tests.helpers import random_delta_r
 
 RANK = 4
@@ -114,7 +114,7 @@ def flux_file(tiny_flux):
 
 
 def test_flux_bfl_sliced_application_equals_diffusers_split_application(tiny_flux, flux_file):
-    from shared.tiny.flux import build_components as flux_components
+    from qrlora.tiny.flux import build_components as flux_components
     from tests._flux_oracle import diffusers_reference
 
     b, d = flux_file

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from shared import deltar
+from qrlora import deltar
 from tests.hosts.world import (check_applied, check_original, make_world, open_host, original_rows, parameters, target_weight,
                                write_file)
 
@@ -136,7 +136,7 @@ def test_infotext_hashes_and_no_lora_hash_entry(host, world):
 
 
 def deltar_hash(path):
-    from shared.checkpoint import tensor_data_sha256
+    from qrlora.checkpoint import tensor_data_sha256
 
     return tensor_data_sha256(path)[:12]
 

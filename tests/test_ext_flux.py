@@ -6,9 +6,9 @@ and every slice gets exactly its own ΔW while the rows around it stay as they w
 import pytest
 import torch
 
-from extension import keymap
-from shared import deltar
-from shared.basis import basis_from_checkpoint
+from qrlora_ext import keymap
+from qrlora import deltar
+from qrlora.basis import basis_from_checkpoint
 from tests.helpers import random_delta_r
 from tests.hosts import models
 from tests.hosts.harness import Host

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from shared import deltar
-from shared.basis import basis_from_checkpoint, save_basis
-from shared.checkpoint import SafetensorsFile, save_atomic
+from qrlora import deltar
+from qrlora.basis import basis_from_checkpoint, save_basis
+from qrlora.checkpoint import SafetensorsFile, save_atomic
 from tests.helpers import random_delta_r
 from tests.hosts.harness import P
 from tests.hosts.world import check_applied, check_original, make_world, open_host, target_weight

@@ -53,7 +53,7 @@ for kind in ("a1111", "forge"):
 for name, m in foreign.items():
     assert sys.modules[name] is m and m.FOREIGN, name
     assert not [k for k in sys.modules if k.startswith(name + ".")], name
-assert "qrlora_shared" in sys.modules and "qrlora_shared.deltar" in sys.modules
+assert "qrlora" in sys.modules and "qrlora.deltar" in sys.modules
 print("OK")
 '''
 
@@ -70,3 +70,16 @@ def test_foreign_shared_extension_trainer_modules(world):
     out = subprocess.run([sys.executable, "-c", header + CHILD], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_forge_does_not_keep_our_folders_importable(world):
+    """Forge leaves every extension folder on ``sys.path``; ours would make ``shared``,
+    ``extension`` and ``trainer`` importable by any other extension. The entry file takes it off."""
+    from tests.hosts.harness import Host
+
+    h = Host("forge", world.root, world.qrlora_dir, basis_dir=world.basis_dir)
+    try:
+        assert not h.root_left_on_path
+        assert not any(os.path.realpath(p) == os.path.realpath(ROOT) for p in sys.path if p)
+    finally:
+        h.close()

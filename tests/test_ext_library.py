@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from extension import planner
-from extension.library import Library, LookupFailed, describe, shown_metadata, trigger_words
-from shared import deltar
-from shared.basis import save_basis
-from shared.checkpoint import tensor_data_sha256
+from qrlora_ext import planner
+from qrlora_ext.library import Library, LookupFailed, describe, shown_metadata, trigger_words
+from qrlora import deltar
+from qrlora.basis import save_basis
+from qrlora.checkpoint import tensor_data_sha256
 from tests.helpers import synthetic_basis, synthetic_file
 
 

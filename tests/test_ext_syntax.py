@@ -2,7 +2,7 @@
 
 import pytest
 
-from extension import syntax
+from qrlora_ext import syntax
 
 
 def tag(text, default=1.0):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from extension import settings
-from shared import deltar
+from qrlora_ext import settings
+from qrlora import deltar
 from tests.helpers import synthetic_basis, synthetic_file
 from tests.hosts.harness import ROOT, Host
 
@@ -105,7 +105,7 @@ def test_api(host):
 
 
 def test_pasting_infotext_finds_renamed_files_by_hash(host, folder):
-    from shared.checkpoint import tensor_data_sha256
+    from qrlora.checkpoint import tensor_data_sha256
 
     short = tensor_data_sha256(str(folder / "QRLoRA" / "styles" / "watercolor.safetensors"))[:12]
     params = {"Prompt": "a <qrlora:watercolor_old:0.5> <qrlora:unknown:1>",

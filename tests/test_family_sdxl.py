@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.archs.sdxl import SDXL
-from shared.checkpoint import SafetensorsFile
-from shared.tiny.sdxl import build_components
+from qrlora.archs.sdxl import SDXL
+from qrlora.checkpoint import SafetensorsFile
+from qrlora.tiny.sdxl import build_components
 from trainer.families import detect_family, get_family
 from trainer.families import sdxl_load as L
 from trainer.families.sdxl import min_snr_weight, time_ids
@@ -231,7 +231,7 @@ def test_vae_override(tiny, folder, tokenizer_dir, family):
 
 
 def test_real_sdxl_shapes_are_recognised_and_odd_shapes_need_config_dir(tiny):
-    from shared.tiny.real import real_shapes
+    from qrlora.tiny.real import real_shapes
 
     full = L.real_sdxl_shapes()
     assert L.configs_for_file("sd_xl_base_1.0.safetensors", full, None).source == "SDXL base 1.0"

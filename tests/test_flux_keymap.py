@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from _flux_oracle import diffusers_reference
-from shared import archs
-from shared.archs.flux import Flux, checkpoint_prefix, diffusers_to_bfl
-from shared.tiny.real import FLUX_DEV_TRANSFORMER as REAL_CONFIG
+from qrlora import archs
+from qrlora.archs.flux import Flux, checkpoint_prefix, diffusers_to_bfl
+from qrlora.tiny.real import FLUX_DEV_TRANSFORMER as REAL_CONFIG
 
 FLUX = Flux()
 PREFIX = "model.diffusion_model."

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from shared import deltar
-from shared.cli import main
-from shared.fusion import IncompatibleFiles, fuse
+from qrlora import deltar
+from qrlora.cli import main
+from qrlora.fusion import IncompatibleFiles, fuse
 from tests.helpers import synthetic_basis, synthetic_file
 
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from shared.qr import canonical_basis, delta_weight
+from qrlora.qr import canonical_basis, delta_weight
 from trainer.network import AdapterNetwork
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shared import deltar
-from shared.basis import basis_from_checkpoint
-from shared.checkpoint import FileFormatError, SafetensorsFile
-from shared.cli import main
-from shared.official import import_official
+from qrlora import deltar
+from qrlora.basis import basis_from_checkpoint
+from qrlora.checkpoint import FileFormatError, SafetensorsFile
+from qrlora.cli import main
+from qrlora.official import import_official
 from tests.official_reference import official_qr
 
 RANK = 4

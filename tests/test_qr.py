@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shared.qr import (apply_mask, basis_sketch, canonical_basis, delta_weight, masked_parameter_count,
+from qrlora.qr import (apply_mask, basis_sketch, canonical_basis, delta_weight, masked_parameter_count,
                        sketch_disagreement)
 from tests.official_reference import official_delta_weight, official_qr
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.archs.sdxl import SDXL, TE2_PREFIX, UNET_PREFIX, UNetLayout
-from shared.tiny.real import CLIP_BIGG, CLIP_L, SDXL_BASE_UNET
-from shared.tiny.sdxl import UNET_CONFIG, build_components, clip_checkpoint_keys, sgm_state_dict
+from qrlora.archs.sdxl import SDXL, TE2_PREFIX, UNET_PREFIX, UNetLayout
+from qrlora.tiny.real import CLIP_BIGG, CLIP_L, SDXL_BASE_UNET
+from qrlora.tiny.sdxl import UNET_CONFIG, build_components, clip_checkpoint_keys, sgm_state_dict
 
 ARCH = SDXL()
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from shared import archs, deltar
-from shared.info import describe
-from shared.qr import SKETCH_PROBES
-from shared.tiny.real import real_shapes
+from qrlora import archs, deltar
+from qrlora.info import describe
+from qrlora.qr import SKETCH_PROBES
+from qrlora.tiny.real import real_shapes
 
 
 # FLUX's official set has Σin = Σout, so its ΔR file is half a LoRA plus the header.

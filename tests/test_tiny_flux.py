@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _flux_oracle import diffusers_reference
-from shared.tiny import make_tiny
-from shared.tiny.flux import build_components
+from qrlora.tiny import make_tiny
+from qrlora.tiny.flux import build_components
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.archs.sdxl import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX
-from shared.checkpoint import sha256_file
-from shared.tiny.sdxl import CHECKPOINT_NAME, VAE_PREFIX, build_components, clip_checkpoint_keys, make
+from qrlora.archs.sdxl import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX
+from qrlora.checkpoint import sha256_file
+from qrlora.tiny.sdxl import CHECKPOINT_NAME, VAE_PREFIX, build_components, clip_checkpoint_keys, make
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.tiny.vae import vae_diffusers_to_ldm
+from qrlora.tiny.vae import vae_diffusers_to_ldm
 
 
 @pytest.mark.parametrize("quant_convs", [True, False])

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from shared import deltar
-from shared.basis import load_basis
+from qrlora import deltar
+from qrlora.basis import load_basis
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.loop import Trainer, batch_generator

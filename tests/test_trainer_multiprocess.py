@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from shared import deltar
+from qrlora import deltar
 from tests.test_trainer_e2e import ROOT, write_config
 from trainer.cli import main
 

@@ -14,10 +14,10 @@ import shutil
 
 import torch
 
-from shared import deltar
-from shared.basis import Basis
-from shared.checkpoint import save_atomic
-from shared.export import kohya_metadata, kohya_state_dict
+from qrlora import deltar
+from qrlora.basis import Basis
+from qrlora.checkpoint import save_atomic
+from qrlora.export import kohya_metadata, kohya_state_dict
 from trainer.network import AdapterNetwork
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from shared.qr import masked_parameter_count
+from qrlora.qr import masked_parameter_count
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,9 +26,9 @@ import uuid
 
 import torch
 
-from shared import archs
-from shared.basis import save_basis
-from shared.qr import masked_parameter_count
+from qrlora import archs
+from qrlora.basis import save_basis
+from qrlora.qr import masked_parameter_count
 from trainer import checkpoint, setup
 from trainer.captions import tag_frequency
 from trainer.config import Config

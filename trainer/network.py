@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from shared.qr import apply_mask
+from qrlora.qr import apply_mask
 
 
 class _Adapter(nn.Module):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import archs
-from shared.archs import Target
-from shared.basis import Basis, BasisCache, compute_basis
-from shared.cli import ProgressBar, default_cache_dir
+from qrlora import archs
+from qrlora.archs import Target
+from qrlora.basis import Basis, BasisCache, compute_basis
+from qrlora.cli import ProgressBar, default_cache_dir
 from trainer.cache import LatentCache, TextCache
 from trainer.config import Config
 from trainer.data import TrainData
@@ -136,7 +136,7 @@ def make_optimization(cfg: Config, network: AdapterNetwork, te_names: set[str], 
 
 def header_targets(cfg: Config) -> list[Target] | None:
     """Target layers from a checkpoint's header alone (for --dry-run; no weights loaded)."""
-    from shared.checkpoint import SafetensorsFile
+    from qrlora.checkpoint import SafetensorsFile
 
     family = family_for(cfg)
     path = cfg.model.pretrained

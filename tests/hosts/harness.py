@@ -108,12 +108,17 @@ class Host:
         # the built-in LoRA script registers its tag in before_ui (built-ins load first; the
         # before_ui callbacks run in reverse, so ours registers first)
         script_callbacks.on_before_ui(lambda: extra_networks.register_extra_network(self.lora))
-        # modules/scripts.load_scripts: our script file, by path, with the extension folder on sys.path
-        sys.path.insert(0, ROOT)
+        # modules/scripts.load_scripts: ``sys.path = [basedir] + sys.path`` around our script file,
+        # loaded by path. A1111 puts the saved list back afterwards; Forge keeps the new list for
+        # the whole session (our entry file takes the folder off it again).
+        saved = sys.path
+        sys.path = [ROOT] + sys.path
         try:
             self.script_module = self._run_file(os.path.join(ROOT, "scripts", "qrlora.py"))
         finally:
-            sys.path.remove(ROOT)
+            if kind == "a1111":
+                sys.path = saved
+        self.root_left_on_path = ROOT in sys.path
         from modules import scripts
 
         self.scripts = [cls() for cls in scripts.script_classes(self.script_module)]

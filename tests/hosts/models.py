@@ -22,8 +22,8 @@ import types
 import torch
 import torch.nn as nn
 
-from shared import archs
-from shared.checkpoint import SafetensorsFile
+from qrlora import archs
+from qrlora.checkpoint import SafetensorsFile
 
 UNET = "model.diffusion_model."
 TE1 = "conditioner.embedders.0."

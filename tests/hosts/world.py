@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from extension import keymap
-from shared import deltar, export
-from shared.basis import BasisCache, basis_from_checkpoint
-from shared.checkpoint import save_atomic
+from qrlora_ext import keymap
+from qrlora import deltar, export
+from qrlora.basis import BasisCache, basis_from_checkpoint
+from qrlora.checkpoint import save_atomic
 
 RANK = 4
 TARGETS = ["sdxl-all", "sdxl-te"]

@@ -5,7 +5,7 @@ The loop, data, caching, checkpointing and export never branch on the model: the
 one module in this package that defines a subclass and decorates it with ``@register``;
 adding FLUX is adding ``flux.py``.
 
-Layer names are the project's layout-independent ones (``shared.archs``): ``unet.…``,
+Layer names are the project's layout-independent ones (``qrlora.archs``): ``unet.…``,
 ``te1.text_model.…``, ``te2.text_model.…`` for SDXL; the same names ΔR and basis files use.
 """
 
@@ -51,7 +51,7 @@ class Models:
 class ModelFamily(abc.ABC):
     """One model family. Stateless: everything loaded lives in ``Models``."""
 
-    name: str = ""  # "sdxl"; also the shared.archs architecture name
+    name: str = ""  # "sdxl"; also the qrlora.archs architecture name
     builtin_models: tuple[str, ...] = ()  # names usable as "builtin:<name>"
 
     # ----------------------------------------------------------------- loading
@@ -71,13 +71,13 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def targets(self, models: Models) -> list:
-        """``shared.archs.Target`` of every targetable layer (names as in ``trainable_modules``,
+        """``qrlora.archs.Target`` of every targetable layer (names as in ``trainable_modules``,
         original-layout key and rows, shape): what ΔR and basis files record."""
 
     @abc.abstractmethod
     def base_weight(self, models: Models, name: str) -> torch.Tensor:
         """The layer's base weight as stored in the model's file(s), in the stored dtype, rows
-        already sliced: the input of ``shared.basis.compute_basis`` when there is no single file."""
+        already sliced: the input of ``qrlora.basis.compute_basis`` when there is no single file."""
 
     # ----------------------------------------------------------------- training
     @abc.abstractmethod

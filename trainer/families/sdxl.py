@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from shared.archs.sdxl import SDXL
-from shared.checkpoint import SafetensorsFile, read_header
+from qrlora.archs.sdxl import SDXL
+from qrlora.checkpoint import SafetensorsFile, read_header
 
 from . import BUILTIN_PREFIX, ModelFamily, Models, cache_root, file_fingerprint, register
 from . import sdxl_load as L
@@ -162,8 +162,8 @@ class SDXLFamily(ModelFamily):
     @staticmethod
     def tiny_model() -> tuple[str, str]:
         """(checkpoint, config dir) of the built-in tiny SDXL, written once into the cache."""
-        from shared.tiny import make_tiny
-        from shared.tiny.sdxl import CHECKPOINT_NAME
+        from qrlora.tiny import make_tiny
+        from qrlora.tiny.sdxl import CHECKPOINT_NAME
 
         folder = cache_root("tiny", "sdxl-seed0")
         checkpoint, configs = os.path.join(folder, CHECKPOINT_NAME), os.path.join(folder, "config")

@@ -1,7 +1,7 @@
 """Loading SDXL: SGM single files, diffusers folders, separate VAEs. Nothing is downloaded.
 
 A single file is read lazily with safetensors and converted with the project's own key maps
-(``shared.archs.sdxl``): the UNet by ``UNetLayout.to_diffusers``, CLIP-L by stripping its
+(``qrlora.archs.sdxl``): the UNet by ``UNetLayout.to_diffusers``, CLIP-L by stripping its
 prefix, OpenCLIP-bigG to HF CLIP by splitting ``in_proj`` into q/k/v and transposing
 ``text_projection``; the VAE with diffusers' ``convert_ldm_vae_checkpoint``. Modules are built
 from configs (the file's ``config_dir``, or SDXL base's when the shapes are SDXL base's) with
@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from shared.archs.sdxl import SDXL, TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, UNetLayout, te2_hf_to_openclip
-from shared.checkpoint import SafetensorsFile
+from qrlora.archs.sdxl import SDXL, TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, UNetLayout, te2_hf_to_openclip
+from qrlora.checkpoint import SafetensorsFile
 
 VAE_PREFIX = "first_stage_model."
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -74,7 +74,7 @@ def configs_from_dir(config_dir: str) -> Configs:
 def real_configs() -> Configs:
     from transformers import CLIPTextConfig
 
-    from shared.tiny.real import CLIP_BIGG, CLIP_L, SDXL_BASE_UNET
+    from qrlora.tiny.real import CLIP_BIGG, CLIP_L, SDXL_BASE_UNET
 
     return Configs(dict(SDXL_BASE_UNET), dict(SDXL_BASE_VAE), CLIPTextConfig(**CLIP_L), CLIPTextConfig(**CLIP_BIGG),
                    "SDXL base 1.0")
@@ -85,8 +85,8 @@ def real_sdxl_shapes() -> dict[str, tuple[int, ...]]:
     """Key -> shape of a full SDXL base 1.0 SGM file (UNet, both encoders, VAE); from meta modules."""
     from diffusers import AutoencoderKL
 
-    from shared.tiny.real import real_shapes
-    from shared.tiny.vae import vae_diffusers_to_ldm
+    from qrlora.tiny.real import real_shapes
+    from qrlora.tiny.vae import vae_diffusers_to_ldm
 
     shapes = dict(real_shapes("sdxl"))
     with torch.device("meta"):
@@ -343,9 +343,9 @@ def folder_weight_reader(folder: str) -> Callable[[str], torch.Tensor | None]:
 
 
 def sgm_targets_from_modules(unet, te1, te2) -> list:
-    """``shared.archs.Target`` list for modules that came from a folder: their state dicts (as
+    """``qrlora.archs.Target`` list for modules that came from a folder: their state dicts (as
     meta tensors, so nothing is copied) mapped to the SGM layout, then SDXL's own target rules."""
-    from shared.tiny.sdxl import sgm_state_dict
+    from qrlora.tiny.sdxl import sgm_state_dict
 
     def meta(module):
         return {k: torch.empty(v.shape, device="meta") for k, v in module.state_dict().items()}
