@@ -15,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import UserError
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES = {
@@ -36,7 +38,7 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-class FileFormatError(ValueError):
+class FileFormatError(UserError):
     """A file is not what it claims to be. The message names the file and the problem."""
 
 

@@ -7,9 +7,10 @@ from typing import Sequence
 import torch
 
 from .deltar import DeltaR
+from .errors import UserError
 
 
-class IncompatibleFiles(ValueError):
+class IncompatibleFiles(UserError):
     pass
 
 

@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from qrlora.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """Every problem found in a config, each naming its path. ``problems`` is the list."""
 
     def __init__(self, problems: Iterable[str], source: str | None = None):
