@@ -83,6 +83,9 @@ class TrainingConfig:
     max_data_loader_n_workers: int = option(Int(min=0), 0)
     device: str = option(Str(pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?", expected="'auto', 'cpu', 'mps' or 'cuda[:N]'"),
                          "auto")
+    cpu_threads: int = option(Int(min=0), 0,
+                              help="CPU threads for torch; 0 = auto: 1 thread when training on the CPU a model under"
+                                   " 100 million parameters (many small operations), torch's default otherwise")
 
     def warmup_steps(self, total_steps: int) -> int:
         """kohya's rule: an int is a step count, a float a fraction of the total."""
@@ -124,6 +127,9 @@ class SavingConfig:
     save_state: bool = option(Bool(), True, help="write resumable state with each save")
     resume: str | None = option(PathT(), help="a state folder to resume from")
     embed_basis: bool = option(Bool(), False, help="store Q in the file (portable, larger)")
+    save_naming: str = option(Enum("qrlora", "kohya"), "qrlora",
+                              help="periodic save names: qrlora = NAME-step000100 / NAME-epoch000002;"
+                                   " kohya = NAME-step00000100 / NAME-000002 (sd-scripts' names)")
     metadata: MetadataConfig = option(Section(MetadataConfig), MetadataConfig())
 
 
