@@ -143,3 +143,73 @@ def test_scipy_subset_route_equals_torch_eigh_route(shape, monkeypatch):
     assert (with_scipy - without).abs().max() < 1e-5
     batch = canonical_basis(torch.stack([w, w.flip(0)]), 8)
     assert torch.allclose(batch[0], without, atol=1e-5)
+
+
+def near_degenerate(out_f, in_f, rank, gap, seed=0):
+    """A trained-like weight whose σ_r / σ_r+1 = 1 + gap: the subspace float32 cannot resolve."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g, dtype=torch.float64))
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -0.6
+    s[rank] = s[rank - 1] / (1 + gap)
+    return ((u * s.sort(descending=True).values) @ v.T).float()
+
+
+@pytest.mark.parametrize("gap", [1e-4, 1e-5, 1e-6])
+def test_routes_agree_on_near_degenerate_spectra(gap, monkeypatch):
+    """SciPy syevr, torch eigh and float64 give one Q (to ROUTE_TOLERANCE) even when σ_r ≈ σ_r+1;
+    in float32 alone they differed by 5-30 % here."""
+    import sys
+
+    from qrlora.qr import ROUTE_TOLERANCE
+
+    pytest.importorskip("scipy")
+    w = near_degenerate(320, 320, 16, gap)
+    exact = canonical_basis(w.double(), 16, torch.float64)
+    with_scipy = canonical_basis(w, 16)
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    with_eigh = canonical_basis(w, 16)
+    for q in (with_scipy, with_eigh):
+        assert float((q.double() - exact).norm() / exact.norm()) < ROUTE_TOLERANCE
+    assert float((with_scipy - with_eigh).norm() / with_eigh.norm()) < ROUTE_TOLERANCE
+
+
+def test_only_unresolvable_matrices_are_recomputed_in_float64():
+    easy, hard = trained_like(96, 96, seed=8), near_degenerate(96, 96, 8, 1e-6)
+    alone = canonical_basis(easy, 8)
+    both = canonical_basis(torch.stack([easy, hard]), 8)
+    assert torch.allclose(both[0], alone, atol=1e-6)  # still the float32 result
+    assert float((both[1].double() - canonical_basis(hard.double(), 8, torch.float64)).norm()) < 1e-6
+
+
+def test_exactly_degenerate_spectrum_has_no_basis():
+    g = torch.Generator().manual_seed(9)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    s = torch.linspace(2, 1, 64, dtype=torch.float64)
+    s[4:8] = s[4]  # σ_5 = … = σ_8: no unique top-6 subspace
+    w = (u * s) @ v.T
+    with pytest.raises(ValueError, match="not unique"):
+        canonical_basis(w, 6, torch.float64)
+
+
+def test_tf32_is_off_while_computing_and_restored_after(monkeypatch):
+    from qrlora import qr
+
+    seen = []
+    real = qr._canonical
+
+    def spy(w, rank):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32))
+        return real(w, rank)
+
+    monkeypatch.setattr(qr, "_canonical", spy)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what WebUIs set for speed
+    try:
+        canonical_basis(trained_like(32, 32), 4)
+        assert seen == [("highest", False)]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
