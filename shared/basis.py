@@ -5,7 +5,8 @@ for every target in order, its name, shape, dtype and exact weight bytes. Two ch
 with the same target weights (in any file layout) give the same id; a different precision,
 a merged LoRA or a fine-tune gives another. A ΔR file names the id of the basis it was
 trained against and carries its sketch (``qr.basis_sketch``), so a loader holding some other
-basis can measure how far apart they are instead of guessing.
+basis can measure how far apart they are instead of guessing, and does so every time a basis
+is used, whatever its id says (``check_basis``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 
 from . import archs
 from .archs import Target
-from .checkpoint import FileFormatError, SafetensorsFile, read_header, save_atomic
+from .checkpoint import FileFormatError, SafetensorsFile, read_header, save_atomic, write_bytes_atomic
 from .qr import basis_sketch, canonical_basis, sketch_disagreement
 
 ALGORITHM = "qrlora-canonical-1"  # eigh of the smaller Gram matrix, thin QR, positive diag(R)
 BASIS_FORMAT_VERSION = 1
 SKETCH_KEY = "__qrlora__.basis_sketch"
+# Largest sketch disagreement accepted for "the same basis" (the CLI's --max-disagreement and
+# the WebUI setting default to it): the routes agree to 1e-4, a bf16 copy of the base is ~1 % off.
+DEFAULT_LIMIT = 0.01
 
 Progress = Callable[[int, int, str], None]  # (layers done, layers total, current layer)
 
@@ -40,6 +44,7 @@ class Basis:
     basis_id: str
     target_spec: str | list[str] = ""
     source: dict[str, str] = field(default_factory=dict)  # base model file name, dtype, ...
+    stored_sketch: torch.Tensor | None = None  # the sketch a basis file carries (made when Q was computed)
 
     @property
     def names(self) -> list[str]:
@@ -96,7 +101,9 @@ def compute_basis(
         groups.setdefault(t.shape, []).append(t)
     done = 0
     for shape, group in groups.items():
-        per_batch = max(1, batch_bytes // (shape[0] * shape[1] * 4))
+        # A GPU gains from one kernel launch per batch; the CPU does one matrix at a time anyway,
+        # and one layer per step keeps the progress even (layers of one shape are not all equal).
+        per_batch = max(1, batch_bytes // (shape[0] * shape[1] * 4)) if dev.type != "cpu" else 1
         for start in range(0, len(group), per_batch):
             chunk = group[start : start + per_batch]
             tensors = []
@@ -106,12 +113,16 @@ def compute_basis(
                     raise ValueError(f"layer {t.name}: weight has shape {tuple(w.shape)}, expected {t.shape}")
                 entries[t.name] = (t, str(w.dtype).replace("torch.", ""), weight_digest(w))
                 tensors.append(w.to(dev, torch.float32))
-            qs = canonical_basis(torch.stack(tensors), rank).cpu()
+            try:
+                qs = canonical_basis(torch.stack(tensors), rank).cpu()
+            except ValueError as e:
+                names = chunk[0].name if len(chunk) == 1 else f"{chunk[0].name} … {chunk[-1].name}"
+                raise ValueError(f"layer {names}: {e}") from None
             for t, qt in zip(chunk, qs):
                 q[t.name] = qt.contiguous()
-            done += len(chunk)
-            if progress:
-                progress(done, len(targets), chunk[-1].name)
+                done += 1
+                if progress:
+                    progress(done, len(targets), t.name)
     bid = basis_id_for(arch, rank, [entries[t.name] for t in targets])
     return q, bid
 
@@ -126,9 +137,7 @@ def basis_from_checkpoint(
 ) -> Basis:
     """Compute the basis of an original-layout single-file checkpoint (weights read lazily)."""
     ckpt = SafetensorsFile(path)
-    a = resolve_arch(ckpt, arch)
-    spec = targets or a.default_preset
-    chosen = a.select(a.linear_targets(ckpt.shapes()), spec)
+    a, spec, chosen = checkpoint_targets(ckpt, targets, arch)
 
     def load(t: Target) -> torch.Tensor:
         w = ckpt.tensor(t.key)
@@ -138,6 +147,14 @@ def basis_from_checkpoint(
     dtypes = sorted({ckpt.dtype_name(t.key) for t in chosen})
     source = {"base_model": os.path.basename(path), "weight_dtype": ",".join(dtypes)}
     return Basis(a.name, rank, chosen, q, bid, spec if isinstance(spec, str) else list(spec), source)
+
+
+def checkpoint_targets(ckpt: SafetensorsFile, targets, arch: str | None):
+    """(architecture, target spec, targets in model order) of a request on a checkpoint, from
+    its header alone. Specs naming the same layers in any order select the same list."""
+    a = resolve_arch(ckpt, arch)
+    spec = targets or a.default_preset
+    return a, spec, a.select(a.linear_targets(ckpt.shapes()), spec)
 
 
 def resolve_arch(ckpt: SafetensorsFile, arch: str | None) -> archs.Architecture:
@@ -176,7 +193,10 @@ def parse_layers(path: str, text: str | None) -> list[Target]:
 
 
 def save_basis(basis: Basis, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """The basis and its sketch (made from the Q being saved, in float32), so a reader can tell
+    a damaged or altered Q from the one that was computed."""
     tensors = {f"{t.name}.q": basis.q[t.name].to(dtype) for t in basis.targets}
+    tensors[SKETCH_KEY] = basis.sketch()
     meta = {
         "qrlora.kind": "basis",
         "qrlora.format_version": str(BASIS_FORMAT_VERSION),
@@ -214,9 +234,14 @@ def load_basis(path: str) -> Basis:
         if not bool(torch.isfinite(t).all()):
             raise FileFormatError(f"{path}: {key} contains NaN or Inf")
         q[name] = t
+    stored = None
+    if SKETCH_KEY in header:
+        stored = f.tensor(SKETCH_KEY).to(torch.float32)
+        if stored.dim() != 3 or stored.shape[0] != len(layers) or stored.shape[2] != rank:
+            raise FileFormatError(f"{path}: {SKETCH_KEY} has shape {tuple(stored.shape)}, expected ({len(layers)}, probes, {rank})")
     spec = json.loads(meta.get("qrlora.targets", '""'))
     source = {k[len("qrlora.") :]: v for k, v in meta.items() if k in ("qrlora.base_model", "qrlora.weight_dtype")}
-    return Basis(arch, rank, layers, q, meta["qrlora.basis_id"], spec, source)
+    return Basis(arch, rank, layers, q, meta["qrlora.basis_id"], spec, source, stored)
 
 
 # ----------------------------------------------------------------- agreement
@@ -255,54 +280,170 @@ def agreement(names: Sequence[str], expected_sketch: torch.Tensor, candidate: Ma
     return Agreement(per_layer, missing)
 
 
+@dataclass
+class BasisCheck:
+    """A candidate basis measured against the one a ΔR file (or a basis file's own record)
+    names. A matching id is a claim; the sketch is the evidence, so both are looked at."""
+
+    expected_id: str
+    basis_id: str
+    agreement: Agreement | None  # None when there is no sketch to measure with
+    limit: float
+
+    @property
+    def same_id(self) -> bool:
+        return self.expected_id == self.basis_id
+
+    @property
+    def ok(self) -> bool:
+        """Usable as the training basis: measured within the limit (or, with nothing to
+        measure, at least the same id)."""
+        if self.agreement is None:
+            return self.same_id
+        return not self.agreement.missing and self.agreement.max <= self.limit
+
+    def describe(self) -> str:
+        ids = (f"basis {self.basis_id}" if self.same_id
+               else f"basis {self.basis_id} is not the training basis {self.expected_id}:")
+        if self.agreement is None:
+            return f"{ids} (no sketch to measure it)" if self.same_id else f"{ids} no sketch to measure the difference"
+        figure = self.agreement.describe()
+        if self.same_id and not self.ok:
+            return f"{ids} has the training basis's id but {figure} (limit {self.limit:.2%})"
+        return f"{ids} {figure}"
+
+
+def check_basis(names: Sequence[str], sketch: torch.Tensor | None, expected_id: str,
+                q: Mapping[str, torch.Tensor], basis_id: str, limit: float = DEFAULT_LIMIT) -> BasisCheck:
+    """Measure ``q`` (id ``basis_id``) against the sketch of the basis ``expected_id``, always:
+    a stale cache entry, an altered file or a route that rounded differently can carry the right
+    id. Costs 2 × r numbers per layer (milliseconds for SDXL)."""
+    measured = None if sketch is None else agreement(names, sketch, q)
+    return BasisCheck(expected_id, basis_id, measured, limit)
+
+
+def sketch_digest(sketch: torch.Tensor) -> str:
+    return hashlib.sha256(sketch.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
 # ----------------------------------------------------------------- cache
+ENTRY_VERSION = 1
+SAMPLE_BYTES = 256
+
+
+def content_fingerprint(ckpt: SafetensorsFile, targets: Sequence[Target]) -> str:
+    """A cheap digest of what a basis depends on: the file size, the header bytes (names,
+    dtypes, shapes, offsets, metadata) and SAMPLE_BYTES from the start and the middle of every
+    target weight. A checkpoint replaced under the same path, size and mtime (``cp -p``), a
+    fine-tune or a merged LoRA (both change every element of a weight they touch) all change
+    it; the full identity, every byte of every target, is the basis id."""
+    spans = {}
+    for t in targets:
+        start, stop = ckpt.header[t.key]["data_offsets"]
+        length = stop - start
+        for at in (0, max(0, length // 2 - SAMPLE_BYTES // 2)):
+            spans[ckpt.data_offset + start + at] = min(SAMPLE_BYTES, length - at)
+    h = hashlib.sha256(f"{os.path.getsize(ckpt.path)};".encode())
+    with open(ckpt.path, "rb") as f:
+        h.update(f.read(ckpt.data_offset))
+        for offset in sorted(spans):  # in file order: one forward sweep on a spinning disk
+            f.seek(offset)
+            h.update(f.read(spans[offset]))
+    return h.hexdigest()
+
+
 class BasisCache:
-    """A folder of basis files named by basis id, plus an index from a checkpoint file's
-    identity (path, size, mtime) and the request (rank, targets) to the id, so that a hit
-    costs one stat and one file read, never a hash of the checkpoint."""
+    """A folder of basis files named by basis id, and one small JSON entry per (checkpoint
+    contents, rank, architecture, layer set) naming the id: ``entries/<key>.json``. Each entry
+    is written on its own by an atomic rename, so two WebUIs and a trainer sharing the folder
+    never lose or corrupt each other's entries (there is no shared index to rewrite).
+
+    The key is computed from the checkpoint's contents (``content_fingerprint``), never its
+    path or mtime, and from the selected layers in model order, so any spelling of the same
+    layer set finds the same entry. Every hit is checked: the basis file's Q must agree with
+    the sketch recorded when it was computed, and that sketch must be the one the entry saw."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.index_path = os.path.join(folder, "index.json")
+        self.entries = os.path.join(folder, "entries")
+        self.rejected = ""  # why the last lookup refused what it found (for messages and tests)
 
     def path_for(self, basis_id: str) -> str:
         return os.path.join(self.folder, f"{basis_id}.safetensors")
 
-    def _index(self) -> dict:
+    def key(self, checkpoint: str, rank: int, targets=None, arch: str | None = None) -> str:
+        ckpt = SafetensorsFile(checkpoint)
+        a, _, chosen = checkpoint_targets(ckpt, targets, arch)
+        request = [ENTRY_VERSION, content_fingerprint(ckpt, chosen), rank, a.name, [t.name for t in chosen]]
+        return hashlib.sha256(json.dumps(request).encode()).hexdigest()[:32]
+
+    def _entry_path(self, key: str) -> str:
+        return os.path.join(self.entries, f"{key}.json")
+
+    def _read_entry(self, key: str) -> dict | None:
         try:
-            with open(self.index_path, encoding="utf-8") as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {}
+            with open(self._entry_path(key), encoding="utf-8") as f:
+                entry = json.load(f)
+            return entry if isinstance(entry, dict) and isinstance(entry.get("basis_id"), str) else None
         except (OSError, ValueError):
-            return {}
+            return None
+
+    def lookup(self, checkpoint: str, rank: int, targets=None, arch: str | None = None,
+               limit: float = DEFAULT_LIMIT) -> Basis | None:
+        self.rejected = ""
+        entry = self._read_entry(self.key(checkpoint, rank, targets, arch))
+        if entry is None:
+            return None
+        try:
+            basis = self.get(entry["basis_id"])
+        except (FileFormatError, ValueError, KeyError) as e:
+            self.rejected = f"the cached basis file is unreadable: {e}"
+            return None
+        if basis is None:
+            return None
+        problem = self._verify(basis, entry.get("sketch_sha256"), limit)
+        if problem:
+            self.rejected = f"{self.path_for(basis.basis_id)}: {problem}; computing it again"
+            return None
+        return basis
 
     @staticmethod
-    def _key(checkpoint: str, rank: int, targets, arch: str | None) -> str:
-        st = os.stat(checkpoint)
-        return json.dumps([os.path.realpath(checkpoint), st.st_size, st.st_mtime_ns, rank, targets, arch])
-
-    def lookup(self, checkpoint: str, rank: int, targets=None, arch: str | None = None) -> Basis | None:
-        bid = self._index().get(self._key(checkpoint, rank, targets, arch))
-        if bid and os.path.exists(self.path_for(bid)):
-            return load_basis(self.path_for(bid))
-        return None
+    def _verify(basis: Basis, digest: str | None, limit: float) -> str:
+        """'' when the file's Q is the one whose sketch the entry recorded, else the reason."""
+        if basis.stored_sketch is None:
+            return "the file carries no sketch"
+        if digest is not None and sketch_digest(basis.stored_sketch) != digest:
+            return "the file is not the one this entry recorded (another sketch)"
+        check = check_basis(basis.names, basis.stored_sketch, basis.basis_id, basis.q, basis.basis_id, limit)
+        return "" if check.ok else check.describe()
 
     def get(self, basis_id: str) -> Basis | None:
         path = self.path_for(basis_id)
         return load_basis(path) if os.path.exists(path) else None
 
     def store(self, basis: Basis, checkpoint: str | None = None, targets=None, arch: str | None = None) -> str:
+        """Keep ``basis`` (a file already there under its id is kept when it is sound and agrees
+        with this one, so two routes never take turns rewriting it), and with ``checkpoint``
+        record the entry that finds it from that checkpoint and request."""
         os.makedirs(self.folder, exist_ok=True)
         path = self.path_for(basis.basis_id)
-        if not os.path.exists(path):
+        kept = None
+        try:
+            kept = self.get(basis.basis_id)
+        except (FileFormatError, ValueError, KeyError):
+            kept = None
+        if kept is not None and not self._verify(kept, None, DEFAULT_LIMIT) and check_basis(
+                kept.names, kept.stored_sketch, kept.basis_id, basis.q, basis.basis_id).ok:
+            digest = sketch_digest(kept.stored_sketch)
+        else:
             save_basis(basis, path)
+            digest = sketch_digest(basis.sketch())
         if checkpoint:
-            index = self._index()
-            index[self._key(checkpoint, basis.rank, targets, arch)] = basis.basis_id
-            tmp = f"{self.index_path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=0)
-            os.replace(tmp, self.index_path)
+            entry = {"version": ENTRY_VERSION, "basis_id": basis.basis_id, "sketch_sha256": digest,
+                     "checkpoint": os.path.realpath(checkpoint), "rank": basis.rank, "arch": basis.arch,
+                     "layers": len(basis.targets), "targets": basis.target_spec}
+            write_bytes_atomic(self._entry_path(self.key(checkpoint, basis.rank, targets, arch)),
+                               json.dumps(entry, indent=1).encode())
         return path
 
     def get_or_compute(
@@ -313,12 +454,15 @@ class BasisCache:
         arch: str | None = None,
         device=None,
         progress: Progress | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> tuple[Basis, bool]:
         """(basis, True if it came from the cache)."""
         spec = list(targets) if isinstance(targets, (list, tuple)) else targets
         hit = self.lookup(checkpoint, rank, spec, arch)
         if hit is not None:
             return hit, True
+        if self.rejected and log:
+            log(self.rejected)
         started = time.perf_counter()
         basis = basis_from_checkpoint(checkpoint, rank, spec, arch, device=device, progress=progress)
         basis.source["seconds"] = f"{time.perf_counter() - started:.1f}"
