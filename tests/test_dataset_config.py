@@ -149,7 +149,7 @@ resolution = 768
     assert [d.buckets.resolution for d in plan.datasets] == [(512, 512), (768, 768)]
     assert plan.datasets[1].subsets[1].skipped == "duplicate of datasets[1].subsets[0]"
     assert {i.repeats for i in plan.datasets[1].items} == {1}
-    assert any("kohya ignores the later one" in w for w in plan.warnings)
+    assert any("so this subset is skipped (kohya skips it too)" in w for w in plan.warnings)
 
 
 def test_readme_separator_example(tmp_path):
@@ -437,7 +437,7 @@ resolution = 512
 
 
 def test_empty_subsets_reg_only_and_zero_repeats(tmp_path):
-    images(str(tmp_path / "train" / "5_sks dog"), ["a.png"])  # kohya's folder layout, one level too high
+    images(str(tmp_path / "train" / "sks dog"), ["a.png"])  # images one level too deep (not a kohya concept folder)
     images(str(tmp_path / "reg"), ["r.png"])
     images(str(tmp_path / "off"), ["o.png"])
     images(str(tmp_path / "ok"), ["k.png"])
@@ -458,7 +458,7 @@ resolution = 512
   image_dir = "ok"
 """)
     w = "\n".join(plan.warnings)
-    assert "datasets[0].subsets[0]: no images in" in w and "sub-folders (5_sks dog) hold images" in w
+    assert "datasets[0].subsets[0]: no images in" in w and "sub-folders (sks dog) hold images" in w
     assert "datasets[0]: regularization images but no training images" in w
     assert "datasets[1].subsets[0]: num_repeats is 0, so kohya ignores this subset" in w
     assert [s.skipped for s in plan.datasets[0].subsets] == ["no images", ""]

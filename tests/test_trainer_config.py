@@ -58,7 +58,7 @@ def test_defaults(root):
         lr_scheduler_num_cycles=1, mixed_precision="no", gradient_checkpointing=False, gradient_accumulation_steps=1,
         max_grad_norm=1.0, noise_offset=0.0, min_snr_gamma=None, prior_loss_weight=1.0, cache_latents=False,
         cache_latents_to_disk=False, cache_text_encoder_outputs=False, cache_text_encoder_outputs_to_disk=False,
-        max_data_loader_n_workers=0, device="auto")
+        max_data_loader_n_workers=0, device="auto", cpu_threads=0)
     assert c.sampling.__dict__ == dict(prompts=None, sample_every_n_steps=None, sample_every_n_epochs=None,
                                        sample_at_first=False, sample_sampler="euler_a", steps=20, guidance_scale=7.0,
                                        width=512, height=384)  # the dataset's resolution
@@ -293,7 +293,8 @@ def test_dataset_forms(root):
     assert problems(root, 'dataset_config = "ds.toml"\n' + MINIMAL) == [
         "dataset_config and inline [general]/[[datasets]] tables are both given; use one"]
     assert problems(root, head) == [
-        'no dataset: add [[datasets]] with [[datasets.subsets]] tables, or dataset_config = "path/to/kohya_dataset.toml"']
+        'no dataset: add [[datasets]] with [[datasets.subsets]] tables, dataset_config = "path/to/kohya_dataset.toml",'
+        ' or kohya\'s train_data_dir = "folder of \'10_sks dog\' sub-folders"']
     c = load_config(cfg_file(root, 'dataset_config = "ds.toml"\n' + head), ["general.num_repeats=2"])
     assert {i.repeats for i in c.dataset_plan().datasets[0].items} == {2}
     missing = problems(root, 'dataset_config = "nope.toml"\n' + head)
@@ -400,6 +401,6 @@ def test_schema_engine_basics():
     assert ctx.errors == ["t.flag: expected true or false, got 0", "t.x: expected a number, got true",
                           "unknown key 'y' in t", "t.n is required"]
     text = describe(schema, "t")
-    assert "| `flag` | true or false | false | a switch |" in text and "(required)" in text
+    assert "| `flag` | true or false | false | - | a switch |" in text and "(required)" in text
     err = ConfigError(["one"], "f.toml")
     assert str(err) == "f.toml: one" and "2 problems" in str(ConfigError(["a", "b"]))

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 from . import dataset_config as dc
 from .plan import DatasetPlan
 from .schema import (
-    AnyTable, Bool, CliValue, ConfigError, Context, Enum, describe, Float, Int, PathT, Section, Str, StrOrList, join,
-    option, schema_of, suggest, unknown_key,
+    AnyTable, Bool, CliValue, ConfigError, Context, Enum, describe, Field, Float, Int, PathT, Schema, Section, Str,
+    StrOrList, join, option, schema_of, suggest, unknown_key,
 )
 from .tomlfile import load_toml, parse_value
 
@@ -29,25 +29,30 @@ BUILTIN_MODELS = {"tiny-sdxl": "sdxl", "tiny-flux": "flux"}
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = option(PathT(keep_prefixes=("builtin:",)), required=True,
-                             help='"builtin:tiny-sdxl", a single-file .safetensors, or a diffusers folder')
-    family: str = option(Enum("auto", "sdxl", "flux"), "auto", help="auto: detected from the checkpoint")
+                             help='"builtin:tiny-sdxl", a single-file .safetensors, or a diffusers folder',
+                             kohya="pretrained_model_name_or_path")
+    family: str = option(Enum("auto", "sdxl", "flux"), "auto", help="model family; auto: detected from the checkpoint")
     config_dir: str | None = option(PathT(), help="diffusers config folder used with a single file")
     tokenizer: str | None = option(PathT(), help="local tokenizer folder")
-    vae: str | None = option(PathT(), help="a separate VAE file")
+    vae: str | None = option(PathT(), help="a separate VAE file", kohya="vae")
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
     type: str = option(Enum("qrlora", "lora"), "qrlora", help="qrlora: frozen Q, trained ΔR; lora: plain LoRA")
-    rank: int = option(Int(min=1), 16, help="kohya: network_dim")
-    alpha: float | None = option(Float(min=0, min_open=True), help="kohya: network_alpha; default = rank (scale 1)")
-    mask: str = option(Enum("triu", "none"), "triu", help="mask applied to ΔR")
+    rank: int = option(Int(min=1), 16, help="rank r of ΔR (r × in)", kohya="network_dim")
+    alpha: float | None = option(Float(min=0, min_open=True), help="scale s = alpha / rank; default = rank (scale 1)",
+                                kohya="network_alpha")
+    mask: str = option(Enum("triu", "none"), "triu", help="mask applied to ΔR (triu: upper-triangular, as QR-LoRA)")
     targets: str | list[str] | None = option(StrOrList(), help="a preset name or module patterns; default: the"
                                                                " family's preset")
-    train_text_encoder: bool = option(Bool(), False, help="also adapt the text encoders")
-    text_encoder_lr: float | None = option(Float(min=0), help="default: training.learning_rate")
+    train_text_encoder: bool = option(Bool(), False, help="also adapt the text encoders"
+                                      " (kohya's network_train_unet_only, inverted)")
+    text_encoder_lr: float | None = option(Float(min=0), help="learning rate of the text encoders' adapters;"
+                                           " default: training.learning_rate", kohya="text_encoder_lr")
     basis_cache: str | None = option(PathT(), help="basis cache folder; default: the standard cache dir")
-    dropout: float = option(Float(min=0, max=1, max_open=True), 0.0, help="kohya: network_dropout")
+    dropout: float = option(Float(min=0, max=1, max_open=True), 0.0, help="dropout on the adapter's input",
+                           kohya="network_dropout")
 
 
 _SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
@@ -55,34 +60,54 @@ _SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_w
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    output_dir: str = option(PathT(), required=True, help="where weights, state and samples go")
+    output_dir: str = option(PathT(), required=True, help="where weights, state and samples go", kohya="output_dir")
     output_name: str | None = option(Str(nonempty=True, pattern=r"[^/\\]+", expected="a file name (no slashes)"),
-                                     help="default: the config file's name without .toml")
-    seed: int = option(Int(min=0), 42)
-    max_train_steps: int = option(Int(min=1), 1600, help="kohya's default")
-    max_train_epochs: int | None = option(Int(min=1), help="overrides max_train_steps, as in kohya")
-    learning_rate: float = option(Float(min=0, min_open=True), 1e-4)
+                                     help="file name of the saves; default: the config file's name without .toml",
+                                     kohya="output_name")
+    seed: int = option(Int(min=0), 42, help="seed of the data order, noise and timesteps", kohya="seed")
+    max_train_steps: int = option(Int(min=1), 1600, help="optimizer steps to train (kohya's default)",
+                                 kohya="max_train_steps")
+    max_train_epochs: int | None = option(Int(min=1), help="overrides max_train_steps, as in kohya",
+                                          kohya="max_train_epochs")
+    learning_rate: float = option(Float(min=0, min_open=True), 1e-4, help="learning rate of the adapter",
+                                  kohya="learning_rate")
     optimizer: str = option(Enum("adamw", "sgd", "adamw8bit", "prodigy", ignore_case=True), "adamw",
-                            help="kohya: optimizer_type")
-    optimizer_args: dict = option(AnyTable(), {}, help="keyword arguments for the optimizer, passed through")
-    lr_scheduler: str = option(Enum(*_SCHEDULERS), "constant")
+                            help="optimizer", kohya="optimizer_type")
+    optimizer_args: dict = option(AnyTable(), {}, help="keyword arguments for the optimizer, passed through",
+                                 kohya="optimizer_args")
+    lr_scheduler: str = option(Enum(*_SCHEDULERS), "constant", help="learning-rate schedule", kohya="lr_scheduler")
     lr_warmup_steps: int | float = option(Float(min=0, keep_int=True), 0,
-                                          help="steps, or a float < 1 for a fraction of the total steps")
-    lr_scheduler_num_cycles: int = option(Int(min=1), 1, help="restarts of cosine_with_restarts")
-    mixed_precision: str = option(Enum("no", "fp16", "bf16"), "no")
-    gradient_checkpointing: bool = option(Bool(), False)
-    gradient_accumulation_steps: int = option(Int(min=1), 1)
-    max_grad_norm: float = option(Float(min=0), 1.0, help="0 disables clipping")
-    noise_offset: float = option(Float(min=0), 0.0)
-    min_snr_gamma: float | None = option(Float(min=0, min_open=True), help="e.g. 5; unset = off")
-    prior_loss_weight: float = option(Float(min=0), 1.0, help="loss weight of is_reg images")
-    cache_latents: bool = option(Bool(), False)
-    cache_latents_to_disk: bool = option(Bool(), False, help="implies cache_latents")
-    cache_text_encoder_outputs: bool = option(Bool(), False)
-    cache_text_encoder_outputs_to_disk: bool = option(Bool(), False, help="implies cache_text_encoder_outputs")
-    max_data_loader_n_workers: int = option(Int(min=0), 0)
+                                          help="steps, or a float < 1 for a fraction of the total steps",
+                                          kohya="lr_warmup_steps")
+    lr_scheduler_num_cycles: int = option(Int(min=1), 1, help="restarts of cosine_with_restarts",
+                                         kohya="lr_scheduler_num_cycles")
+    mixed_precision: str = option(Enum("no", "fp16", "bf16"), "no", help="autocast precision of the frozen model",
+                                 kohya="mixed_precision")
+    gradient_checkpointing: bool = option(Bool(), False, help="less memory, slower steps",
+                                          kohya="gradient_checkpointing")
+    gradient_accumulation_steps: int = option(Int(min=1), 1, help="batches per optimizer step",
+                                             kohya="gradient_accumulation_steps")
+    max_grad_norm: float = option(Float(min=0), 1.0, help="gradient clipping norm; 0 disables clipping",
+                                 kohya="max_grad_norm")
+    noise_offset: float = option(Float(min=0), 0.0, help="per-channel noise offset (darker/brighter images)",
+                                kohya="noise_offset")
+    min_snr_gamma: float | None = option(Float(min=0, min_open=True), help="Min-SNR loss weighting, e.g. 5;"
+                                         " unset = off", kohya="min_snr_gamma")
+    prior_loss_weight: float = option(Float(min=0), 1.0, help="loss weight of is_reg images",
+                                     kohya="prior_loss_weight")
+    cache_latents: bool = option(Bool(), False, help="encode each image once and keep its latent in memory",
+                                 kohya="cache_latents")
+    cache_latents_to_disk: bool = option(Bool(), False, help="keep the latents on disk; implies cache_latents",
+                                         kohya="cache_latents_to_disk")
+    cache_text_encoder_outputs: bool = option(Bool(), False, help="encode each caption once (fixed captions only)",
+                                              kohya="cache_text_encoder_outputs")
+    cache_text_encoder_outputs_to_disk: bool = option(Bool(), False, help="keep them on disk; implies"
+                                                      " cache_text_encoder_outputs",
+                                                      kohya="cache_text_encoder_outputs_to_disk")
+    max_data_loader_n_workers: int = option(Int(min=0), 0, help="image-loading worker processes; 0 loads in"
+                                           " the training process", kohya="max_data_loader_n_workers")
     device: str = option(Str(pattern=r"auto|cpu|mps|(cuda|xpu)(:\d+)?", expected="'auto', 'cpu', 'mps' or 'cuda[:N]'"),
-                         "auto")
+                         "auto", help="where to train; auto: the accelerator when there is one")
     cpu_threads: int = option(Int(min=0), 0,
                               help="CPU threads for torch; 0 = auto: 1 thread when training on the CPU a model under"
                                    " 100 million parameters (many small operations), torch's default otherwise")
@@ -95,66 +120,92 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    prompts: str | list[str] | None = option(StrOrList(), help="a kohya prompt file, or a list of kohya prompt lines")
-    sample_every_n_steps: int | None = option(Int(min=1))
-    sample_every_n_epochs: int | None = option(Int(min=1))
-    sample_at_first: bool = option(Bool(), False)
-    sample_sampler: str = option(Enum("euler_a", "euler", "ddim"), "euler_a")
-    steps: int = option(Int(min=1), 20)
-    guidance_scale: float = option(Float(min=0), 7.0)
-    width: int | None = option(Int(min=8), help="default: the first dataset's resolution")
-    height: int | None = option(Int(min=8), help="default: the first dataset's resolution")
+    prompts: str | list[str] | None = option(StrOrList(), help="a kohya prompt file, or a list of kohya prompt lines",
+                                             kohya="sample_prompts")
+    sample_every_n_steps: int | None = option(Int(min=1), help="sample every N steps", kohya="sample_every_n_steps")
+    sample_every_n_epochs: int | None = option(Int(min=1), help="sample every N epochs",
+                                               kohya="sample_every_n_epochs")
+    sample_at_first: bool = option(Bool(), False, help="sample before the first step", kohya="sample_at_first")
+    sample_sampler: str = option(Enum("euler_a", "euler", "ddim"), "euler_a", help="sampler of the samples",
+                                kohya="sample_sampler")
+    steps: int = option(Int(min=1), 20, help="sampling steps of a prompt without --s")
+    guidance_scale: float = option(Float(min=0), 7.0, help="CFG scale of a prompt without --l")
+    width: int | None = option(Int(min=8), help="sample width of a prompt without --w; default: the first"
+                                                  " dataset's resolution")
+    height: int | None = option(Int(min=8), help="sample height of a prompt without --h; default: the first"
+                                                   " dataset's resolution")
 
 
 @dataclass(frozen=True)
 class MetadataConfig:
     """Free-form strings written into the saved files' ``modelspec.*`` metadata."""
 
-    title: str | None = option(Str(), help="default: output_name")
-    author: str | None = option(Str())
-    description: str | None = option(Str())
-    license: str | None = option(Str())
-    tags: str | None = option(StrOrList(), help="comma-separated, or a list")
-    trigger_phrase: str | None = option(Str())
+    title: str | None = option(Str(), help="modelspec.title; default: output_name", kohya="metadata_title")
+    author: str | None = option(Str(), help="modelspec.author", kohya="metadata_author")
+    description: str | None = option(Str(), help="modelspec.description", kohya="metadata_description")
+    license: str | None = option(Str(), help="modelspec.license", kohya="metadata_license")
+    tags: str | None = option(StrOrList(), help="modelspec.tags: comma-separated, or a list", kohya="metadata_tags")
+    trigger_phrase: str | None = option(Str(), help="modelspec.trigger_phrase", kohya="metadata_trigger_phrase")
 
 
 @dataclass(frozen=True)
 class SavingConfig:
-    save_every_n_steps: int | None = option(Int(min=1))
-    save_every_n_epochs: int | None = option(Int(min=1))
-    save_last_n: int | None = option(Int(min=1), help="keep only the last N periodic saves; default: keep all")
-    save_precision: str = option(Enum("fp16", "bf16", "fp32"), "fp16")
-    save_state: bool = option(Bool(), True, help="write resumable state with each save")
-    resume: str | None = option(PathT(), help="a state folder to resume from")
+    save_every_n_steps: int | None = option(Int(min=1), help="periodic save every N steps", kohya="save_every_n_steps")
+    save_every_n_epochs: int | None = option(Int(min=1), help="periodic save every N epochs",
+                                             kohya="save_every_n_epochs")
+    save_last_n: int | None = option(Int(min=1), help="keep only the last N periodic saves; default: keep all"
+                                    " (kohya: save_last_n_steps / save_last_n_epochs)")
+    save_precision: str = option(Enum("fp16", "bf16", "fp32"), "fp16", help="dtype of the saved ΔR",
+                                kohya="save_precision")
+    save_state: bool = option(Bool(), True, help="write resumable state with each save", kohya="save_state")
+    resume: str | None = option(PathT(), help="a state folder to resume from", kohya="resume")
     embed_basis: bool = option(Bool(), False, help="store Q in the file (portable, larger)")
     save_naming: str = option(Enum("qrlora", "kohya"), "qrlora",
                               help="periodic save names: qrlora = NAME-step000100 / NAME-epoch000002;"
                                    " kohya = NAME-step00000100 / NAME-000002 (sd-scripts' names)")
-    metadata: MetadataConfig = option(Section(MetadataConfig), MetadataConfig())
+    metadata: MetadataConfig = option(Section(MetadataConfig), MetadataConfig(),
+                                      help="the [saving.metadata] table below")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    logging_dir: str | None = option(PathT())
-    log_with: str | None = option(Enum("tensorboard", "none"), help="default: tensorboard if logging_dir is set")
-    log_prefix: str | None = option(Str())
+    logging_dir: str | None = option(PathT(), help="TensorBoard log folder", kohya="logging_dir")
+    log_with: str | None = option(Enum("tensorboard", "none"), help="default: tensorboard if logging_dir is set",
+                                  kohya="log_with")
+    log_prefix: str | None = option(Str(), help="prefix of the TensorBoard run name", kohya="log_prefix")
 
 
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "training": TrainingConfig,
             "sampling": SamplingConfig, "saving": SavingConfig, "logging": LoggingConfig}
-DATASET_KEYS = ("dataset_config",) + dc.TOP_LEVEL
+# Top-level keys that say where the dataset is: kohya's own argument names.
+SOURCES = Schema([
+    Field("dataset_config", PathT(), help="a kohya dataset TOML/JSON file, used unchanged (its relative paths are"
+          " relative to it)", kohya="dataset_config"),
+    Field("train_data_dir", PathT(), help="a folder of kohya '<repeats>_<class tokens>' sub-folders (10_sks dog);"
+          " with in_json, the images' folder", kohya="train_data_dir"),
+    Field("reg_data_dir", PathT(), help="regularization images, in sub-folders named like train_data_dir's",
+          kohya="reg_data_dir"),
+    Field("in_json", PathT(), help="a fine-tuning metadata file (JSON/JSONL) for the images in train_data_dir",
+          kohya="in_json"),
+])
+DATASET_KEYS = ("dataset_config",) + dc.FOLDER_KEYS + dc.TOP_LEVEL
 TOP_LEVEL = tuple(SECTIONS) + DATASET_KEYS
 
-# kohya argument names that we spell differently → where the option lives here.
+# kohya argument names that we spell differently → where the option lives here: the fields
+# that declare a different kohya name, and the kohya options that have no one field here.
 KOHYA_NAMES = {
-    "pretrained_model_name_or_path": "model.pretrained", "network_module": "network.type",
-    "network_dim": "network.rank", "network_alpha": "network.alpha", "network_dropout": "network.dropout",
-    "network_train_unet_only": "network.train_text_encoder (inverted)", "unet_lr": "training.learning_rate",
-    "optimizer_type": "training.optimizer", "train_batch_size": "batch_size in [general] or [[datasets]]",
-    "sample_prompts": "sampling.prompts", "save_last_n_epochs": "saving.save_last_n",
-    "save_last_n_steps": "saving.save_last_n", "save_state_on_train_end": "saving.save_state",
-    "sample_steps": "sampling.steps", "dataset_repeats": "num_repeats in a [[datasets.subsets]] entry",
+    f.kohya: f"{prefix}.{f.name}"
+    for prefix, schema in [(n, schema_of(c)) for n, c in SECTIONS.items()] + [("saving.metadata",
+                                                                              schema_of(MetadataConfig))]
+    for f in schema.fields.values() if f.kohya and f.kohya != f.name
 }
+KOHYA_NAMES.update({
+    "network_module": "network.type", "network_train_unet_only": "network.train_text_encoder (inverted)",
+    "unet_lr": "training.learning_rate", "train_batch_size": "batch_size in [general] or [[datasets]]",
+    "save_last_n_epochs": "saving.save_last_n", "save_last_n_steps": "saving.save_last_n",
+    "save_state_on_train_end": "saving.save_state", "sample_steps": "sampling.steps",
+    "dataset_repeats": "num_repeats in a [[datasets.subsets]] entry",
+})
 
 
 def _hints(section: str | None) -> dict[str, str]:
@@ -168,6 +219,8 @@ def _hints(section: str | None) -> dict[str, str]:
         if other != section:
             for f in dataclasses.fields(cls):
                 hints[f.name] = f"belongs in [{other}]"
+    for key in ("dataset_config",) + dc.FOLDER_KEYS:
+        hints[key] = "is a top-level key: write it before the first [section] of the config"
     if section is not None:
         for f in dataclasses.fields(SECTIONS[section]):
             hints.pop(f.name, None)
@@ -212,8 +265,13 @@ def _plain(value: Any) -> Any:
 
 
 def reference() -> str:
-    """Markdown reference of every option, generated from the same declarations."""
-    parts = [describe(t.schema, f"[{name}]") for name, t in _SECTION_TYPES.items()]
+    """Markdown reference of every option, generated from the same declarations
+    (``python -m trainer --help-config``)."""
+    parts = ["# Training config reference\n\nOne TOML file; relative paths are relative to the file that holds"
+             " them. The kohya name is the option's name in kohya's sd-scripts (a command-line argument, or a"
+             " dataset-config key).",
+             describe(SOURCES, "top level: where the dataset is (or inline [general] / [[datasets]] tables, below)")]
+    parts += [describe(t.schema, f"[{name}]") for name, t in _SECTION_TYPES.items()]
     parts.append(describe(schema_of(MetadataConfig), "[saving.metadata]"))
     parts.append(describe(dc.GENERAL, "[general] (kohya; also allowed in [[datasets]])"))
     parts.append(describe(dc.SUBSET[dc.DREAMBOOTH], "[[datasets.subsets]], DreamBooth (kohya)"))
@@ -298,12 +356,16 @@ def _note(ctx: Context, problem: str | None) -> None:
 
 def _load_dataset(raw: dict, overrides: list[str], ctx: Context) -> dc.DatasetConfig:
     inline = {k: raw[k] for k in dc.TOP_LEVEL if k in raw}
+    folder_keys = [k for k in dc.FOLDER_KEYS if k in raw]
+    if folder_keys:
+        return _load_folders(raw, folder_keys, inline, overrides, ctx)
     if "dataset_config" in raw and inline:
         ctx.errors.append("dataset_config and inline [general]/[[datasets]] tables are both given; use one")
         return dc.DatasetConfig(())
     if "dataset_config" not in raw and not inline and not overrides:
         ctx.errors.append("no dataset: add [[datasets]] with [[datasets.subsets]] tables,"
-                          " or dataset_config = \"path/to/kohya_dataset.toml\"")
+                          " dataset_config = \"path/to/kohya_dataset.toml\", or kohya's train_data_dir ="
+                          " \"folder of '10_sks dog' sub-folders\"")
         return dc.DatasetConfig(())
     if "dataset_config" not in raw:  # inline: paths resolve against the main config
         for o in overrides:
@@ -323,6 +385,33 @@ def _load_dataset(raw: dict, overrides: list[str], ctx: Context) -> dc.DatasetCo
     cfg = dc.resolve(ds_raw, sub)
     ctx.errors += [f"{file}: {p}" for p in sub.errors]
     return dc.DatasetConfig(cfg.datasets, file, cfg.warnings)
+
+
+def _load_folders(raw: dict, keys: list[str], inline: dict, overrides: list[str], ctx: Context) -> dc.DatasetConfig:
+    """kohya's train_data_dir / reg_data_dir / in_json: subsets generated from the folders,
+    with the dataset options of [general] (where kohya takes them from its arguments)."""
+    given = " / ".join(keys)
+    if "dataset_config" in raw:  # kohya uses the dataset config and ignores the folders, with a warning
+        ctx.errors.append(f"{given} and dataset_config are both given; use one (kohya would ignore {given})")
+        return dc.DatasetConfig(())
+    if "datasets" in inline:
+        ctx.errors.append(f"{given} and [[datasets]] tables are both given; use one ({given} makes the one"
+                          " [[datasets]] entry; set its options in [general])")
+        return dc.DatasetConfig(())
+    errors = len(ctx.errors)
+    folders = {k: v for k, v in SOURCES.validate({k: raw[k] for k in keys}, "", ctx, fill_defaults=False).items()
+               if v is not None}
+    if len(ctx.errors) > errors:
+        return dc.DatasetConfig(())
+    tables, names, notes = dc.folder_tables(folders, ctx)
+    if len(ctx.errors) > errors:
+        return dc.DatasetConfig(())
+    if "general" in inline:
+        tables["general"] = inline["general"]
+    for o in overrides:
+        _note(ctx, apply_override(tables, o))
+    cfg = dc.resolve(tables, ctx, names)
+    return dc.DatasetConfig(cfg.datasets, None, tuple(notes) + cfg.warnings)
 
 
 def _finish(s: dict, dataset: dc.DatasetConfig, path: str, ctx: Context, warnings: list[str],

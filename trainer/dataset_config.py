@@ -16,68 +16,77 @@ import math
 import os
 from dataclasses import dataclass
 
-from .dataset_scan import scan_dreambooth, scan_finetuning
+from .dataset_scan import concept_folders, list_images, scan_dreambooth, scan_finetuning
 from .plan import (AugmentOptions, BucketOptions, CaptionOptions, DatasetPlan, DatasetSpec, ImageItem, SubsetInfo,
                    balanced_repeats)
 from .schema import (
-    AnyTable, Bool, ConfigError, Context, Enum, Field, Float, Int, Pair, PathT, Schema, Str, join, show, suggest,
+    AnyTable, Bool, CliValue, ConfigError, Context, Enum, Field, Float, Int, Pair, PathT, Schema, Str, join, show,
+    suggest,
 )
 from .tomlfile import load_toml
 
 DREAMBOOTH, FINETUNING = "dreambooth", "finetuning"
 _INTERP = Enum("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
+def _kohya(name: str, type, default=None, help: str = "", required: bool = False) -> Field:
+    """A dataset option: every one keeps kohya's dataset-TOML name."""
+    return Field(name, type, default, required, help, kohya=name)
+
+
 # Defaults are kohya's *effective* ones: its argparse defaults, which win over its dataclass
 # defaults because argparse values are always present in the lookup chain.
 DATASET_FIELDS = [
-    Field("resolution", Pair(Int(min=1), scalar_ok=True, names=("width", "height")), None, help="required somewhere"),
-    Field("batch_size", Int(min=1), 1),
-    Field("enable_bucket", Bool(), False),
-    Field("min_bucket_reso", Int(min=1), 256),
-    Field("max_bucket_reso", Int(min=1), 1024),
-    Field("bucket_reso_steps", Int(min=1), 64),
-    Field("bucket_no_upscale", Bool(), False),
-    Field("network_multiplier", Float(), 1.0),
-    Field("validation_seed", Int(), None),
-    Field("validation_split", Float(min=0, max=1), 0.0),
-    Field("resize_interpolation", _INTERP, None),
+    _kohya("resolution", Pair(Int(min=1), scalar_ok=True, names=("width", "height")), None,
+           "training size, e.g. 1024 or [1024, 768]; required in [general] or each [[datasets]]"),
+    _kohya("batch_size", Int(min=1), 1, "images per batch (kohya's --train_batch_size)"),
+    _kohya("enable_bucket", Bool(), False, "aspect-ratio buckets instead of one square crop"),
+    _kohya("min_bucket_reso", Int(min=1), 256, "smallest bucket side; rounded down to bucket_reso_steps"),
+    _kohya("max_bucket_reso", Int(min=1), 1024, "largest bucket side; rounded up to bucket_reso_steps"),
+    _kohya("bucket_reso_steps", Int(min=1), 64, "bucket sides are multiples of this"),
+    _kohya("bucket_no_upscale", Bool(), False, "buckets from each image's own size, never enlarged"),
+    _kohya("network_multiplier", Float(), 1.0, "accepted for kohya files; not implemented (warns)"),
+    _kohya("validation_seed", Int(), None, "accepted for kohya files; validation splits are not supported"),
+    _kohya("validation_split", Float(min=0, max=1), 0.0, "must stay 0: validation splits are not supported"),
+    _kohya("resize_interpolation", _INTERP, None, "accepted for kohya files; not implemented (warns)"),
 ]
 SUBSET_FIELDS = [  # allowed at all three levels
-    Field("num_repeats", Int(), 1),
-    Field("shuffle_caption", Bool(), False),
-    Field("caption_separator", Str(), ","),
-    Field("keep_tokens", Int(min=0), 0),
-    Field("keep_tokens_separator", Str(), ""),
-    Field("secondary_separator", Str(), None),
-    Field("enable_wildcard", Bool(), False),
-    Field("caption_prefix", Str(), None),
-    Field("caption_suffix", Str(), None),
-    Field("color_aug", Bool(), False),
-    Field("flip_aug", Bool(), False),
-    Field("random_crop", Bool(), False),
-    Field("face_crop_aug_range", Pair(Float(), names=("low", "high")), None),
-    Field("token_warmup_min", Int(), 1),
-    Field("token_warmup_step", Float(min=0, keep_int=True), 0),
-    Field("custom_attributes", AnyTable(), None),
-    Field("resize_interpolation", _INTERP, None),
-    Field("caption_dropout_rate", Float(min=0, max=1), 0.0),
-    Field("caption_dropout_every_n_epochs", Int(min=0), 0),
-    Field("caption_tag_dropout_rate", Float(min=0, max=1), 0.0),
+    _kohya("num_repeats", Int(), 1, "times each image is shown per epoch; < 1 switches the subset off"),
+    _kohya("shuffle_caption", Bool(), False, "shuffle the caption's tags every time (after keep_tokens)"),
+    _kohya("caption_separator", Str(), ",", "what separates tags in a caption"),
+    _kohya("keep_tokens", Int(min=0), 0, "leading tags never shuffled or dropped"),
+    _kohya("keep_tokens_separator", Str(), "", "if set, everything before it is kept in place"),
+    _kohya("secondary_separator", Str(), None, "accepted for kohya files; not implemented (warns)"),
+    _kohya("enable_wildcard", Bool(), False, "accepted for kohya files; not implemented (warns)"),
+    _kohya("caption_prefix", Str(), None, "text put before every caption"),
+    _kohya("caption_suffix", Str(), None, "text put after every caption"),
+    _kohya("color_aug", Bool(), False, "accepted for kohya files; not implemented (warns)"),
+    _kohya("flip_aug", Bool(), False, "random horizontal flips"),
+    _kohya("random_crop", Bool(), False, "random instead of centred crops (no latent cache then)"),
+    _kohya("face_crop_aug_range", Pair(Float(), names=("low", "high")), None,
+           "accepted for kohya files; not implemented (warns)"),
+    _kohya("token_warmup_min", Int(), 1, "accepted for kohya files; not implemented (warns)"),
+    _kohya("token_warmup_step", Float(min=0, keep_int=True), 0, "accepted for kohya files; not implemented (warns)"),
+    _kohya("custom_attributes", AnyTable(), None, "accepted for kohya files; not implemented (warns)"),
+    _kohya("resize_interpolation", _INTERP, None, "accepted for kohya files; not implemented (warns)"),
+    _kohya("caption_dropout_rate", Float(min=0, max=1), 0.0, "chance of training an image with an empty caption"),
+    _kohya("caption_dropout_every_n_epochs", Int(min=0), 0, "every N-th epoch, all captions are empty"),
+    _kohya("caption_tag_dropout_rate", Float(min=0, max=1), 0.0, "chance of dropping each tag (after keep_tokens)"),
 ]
 DREAMBOOTH_FIELDS = [  # DreamBooth only, but may be inherited from the dataset or [general]
-    Field("caption_extension", Str(), ".caption"),
-    Field("class_tokens", Str(), None),
-    Field("cache_info", Bool(), False),
+    _kohya("caption_extension", Str(), ".caption", "caption file next to each image; kohya's default is"
+           " .caption, most taggers write .txt"),
+    _kohya("class_tokens", Str(), None, "caption for images without a caption file"),
+    _kohya("cache_info", Bool(), False, "accepted for kohya files; has no effect here"),
 ]
 DREAMBOOTH_SUBSET_ONLY = [
-    Field("image_dir", PathT(), required=True),
-    Field("is_reg", Bool(), False),
-    Field("alpha_mask", Bool(), False),
+    _kohya("image_dir", PathT(), help="the folder that directly holds the images (not recursive)", required=True),
+    _kohya("is_reg", Bool(), False, "regularization images (loss weighted by training.prior_loss_weight)"),
+    _kohya("alpha_mask", Bool(), False, "accepted for kohya files; not implemented (warns)"),
 ]
 FINETUNING_SUBSET_ONLY = [
-    Field("metadata_file", PathT(), required=True),
-    Field("image_dir", PathT(), None),
-    Field("alpha_mask", Bool(), False),
+    _kohya("metadata_file", PathT(), help="kohya's JSON or JSONL of image keys, captions and tags", required=True),
+    _kohya("image_dir", PathT(), None, "folder the metadata's relative image keys are relative to"),
+    _kohya("alpha_mask", Bool(), False, "accepted for kohya files; not implemented (warns)"),
 ]
 # Accepted so kohya files load unchanged, but not implemented by this trainer; a value other
 # than the default changes what kohya would train, so it earns a warning.
@@ -127,6 +136,7 @@ class SubsetConfig:
     source: str  # "datasets[0].subsets[1]"
     kind: str
     options: dict  # every option of its kind, resolved subset → dataset → general → default
+    written: str | None = None  # image_dir (DreamBooth) or metadata_file as written, before resolving
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,8 @@ def _check_buckets(source: str, opts: dict, given: bool, ctx: Context, notes: li
     res = opts["resolution"]
     if res is None:
         if not given:  # else its bad value is already reported
-            ctx.errors.append(f"{source}.resolution is required: set it in this [[datasets]] entry or in [general]")
+            where = "this [[datasets]] entry or in [general]" if source.startswith("datasets") else "[general]"
+            ctx.errors.append(f"{source}.resolution is required: set it in {where}")
         return
     step, lo, hi = opts["bucket_reso_steps"], opts["min_bucket_reso"], opts["max_bucket_reso"]
     if not opts["enable_bucket"] or None in (step, lo, hi):  # None: a bad value, already reported
@@ -202,9 +213,11 @@ def _check_buckets(source: str, opts: dict, given: bool, ctx: Context, notes: li
         )
 
 
-def resolve(raw: dict, ctx: Context) -> DatasetConfig:
+def resolve(raw: dict, ctx: Context, names: dict[str, str] | None = None) -> DatasetConfig:
     """Check the dataset tables of ``raw`` and resolve every option; problems go to
-    ``ctx.errors`` (relative paths resolve against ``ctx.base_dir``)."""
+    ``ctx.errors`` (relative paths resolve against ``ctx.base_dir``). ``names`` renames
+    generated entries in messages ("datasets[0].subsets[1]" → "train_data_dir/10_sks dog")."""
+    names = names or {}
     notes: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
@@ -222,7 +235,7 @@ def resolve(raw: dict, ctx: Context) -> DatasetConfig:
 
     datasets = []
     for i, d_raw in enumerate(datasets_raw):
-        src = join("datasets", i)
+        src = names.get(join("datasets", i), join("datasets", i))
         subsets_raw = d_raw.get("subsets", [])
         if not isinstance(subsets_raw, list) or not subsets_raw:
             ctx.errors.append(f"{src} has no [[datasets.subsets]] entry" if isinstance(subsets_raw, list) else
@@ -239,13 +252,17 @@ def resolve(raw: dict, ctx: Context) -> DatasetConfig:
                               " (kohya would hold these images out of training)")
         subsets = []
         for j, s_raw in enumerate(subsets_raw):
-            s_src = join(join(src, "subsets"), j)
+            s_src = join(join(join("datasets", i), "subsets"), j)
+            s_src = names.get(s_src, s_src)
             s_kind = FINETUNING if isinstance(s_raw, dict) and "metadata_file" in s_raw else DREAMBOOTH
             schema = SUBSET[s_kind]
             s_set = schema.validate(s_raw, s_src, ctx, fill_defaults=False)
             layers = [s_set, d_set, general]
             opts = {f.name: _first(f.name, layers, f.default) for f in schema.fields.values()}
-            subsets.append(SubsetConfig(s_src, s_kind, opts))
+            written = s_raw.get("metadata_file" if s_kind == FINETUNING else "image_dir") if isinstance(s_raw, dict) \
+                else None
+            written = written.raw if isinstance(written, CliValue) else written
+            subsets.append(SubsetConfig(s_src, s_kind, opts, written if isinstance(written, str) else None))
         datasets.append(DatasetEntry(src, kind, d_opts, tuple(subsets)))
 
     notes += _unsupported_notes(datasets)
@@ -264,6 +281,65 @@ def _unsupported_notes(datasets: list[DatasetEntry]) -> list[str]:
     return [f"{name} = {show(list(v) if isinstance(v, tuple) else v)} ({', '.join(srcs)}) is accepted for kohya"
             " compatibility but not implemented by this trainer: it has no effect"
             for name, (v, srcs) in used.items()]
+
+
+# kohya's training arguments that describe a dataset without a dataset config.
+FOLDER_KEYS = ("train_data_dir", "reg_data_dir", "in_json")
+
+
+def folder_tables(folders: dict[str, str], ctx: Context) -> tuple[dict, dict[str, str], list[str]]:
+    """The [[datasets]] table kohya's train_network.py builds without a dataset config.
+
+    ``train_data_dir`` (and ``reg_data_dir``, with ``is_reg``): one subset per sub-folder named
+    ``<repeats>_<class tokens>`` (``10_sks dog``); other sub-folders are skipped with a warning,
+    as kohya does. With ``in_json``: one fine-tuning subset, the metadata file with
+    ``train_data_dir`` as its image_dir. Returns the tables, the names of the generated entries
+    (for messages) and warnings; problems go to ``ctx.errors``. Paths are already resolved."""
+    notes: list[str] = []
+    names = {"datasets[0]": "train_data_dir"}
+    if "in_json" in folders:
+        if "reg_data_dir" in folders:
+            ctx.errors.append("reg_data_dir: regularization folders only apply to train_data_dir's concept folders;"
+                              " with in_json (fine-tuning) kohya ignores reg_data_dir without a word, so remove one")
+        subset = {"metadata_file": folders["in_json"]}
+        if "train_data_dir" in folders:
+            subset["image_dir"] = folders["train_data_dir"]
+        names = {"datasets[0]": "in_json", "datasets[0].subsets[0]": "in_json"}
+        return {"datasets": [{"subsets": [subset]}]}, names, notes
+    if "train_data_dir" not in folders:
+        ctx.errors.append("reg_data_dir needs train_data_dir: the regularization images are balanced against"
+                          " train_data_dir's training images")
+        return {}, names, notes
+    subsets: list[dict] = []
+    for key, is_reg in (("train_data_dir", False), ("reg_data_dir", True)):
+        parent = folders.get(key)
+        if parent is None:
+            continue
+        if not os.path.isdir(parent):  # kohya silently finds nothing; nearly always a typo
+            what = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
+            ctx.errors.append(f"{key}: {parent} {what}")
+            continue
+        taken = 0
+        for c in concept_folders(parent):
+            if c.repeats is None:
+                notes.append(f"{key}: sub-folder {c.name!r} is skipped: its name does not start with"
+                             " '<repeats>_' (e.g. '10_sks dog'); kohya skips it too")
+            elif c.repeats < 1:
+                notes.append(f"{key}: sub-folder {c.name!r} has {c.repeats} repeats, so it is skipped, as in kohya")
+            else:
+                names[f"datasets[0].subsets[{len(subsets)}]"] = f"{key}/{c.name}"
+                subsets.append({"image_dir": c.path, "num_repeats": c.repeats, "is_reg": is_reg,
+                                "class_tokens": c.class_tokens})
+                taken += 1
+        loose = list_images(parent)
+        if loose:
+            notes.append(f"{key}: {len(loose)} images directly in {parent} are not used: kohya reads only its"
+                         f" '<repeats>_<class tokens>' sub-folders; move them into one, e.g."
+                         f" '10_{os.path.basename(parent)}'")
+        if not taken and not is_reg:
+            ctx.errors.append(f"{key}: {parent} has no '<repeats>_<class tokens>' sub-folder (e.g. '10_sks dog'"
+                              " for 10 repeats of its images with the class tokens 'sks dog')")
+    return {"datasets": [{"subsets": subsets}]}, names, notes
 
 
 def read_dataset_file(path: str) -> dict:
@@ -308,7 +384,7 @@ def _build_dataset(d: DatasetEntry, problems: list[str], notes: list[str]) -> Da
     buckets = BucketOptions(tuple(o["resolution"]), o["enable_bucket"], o["min_bucket_reso"], o["max_bucket_reso"],
                             o["bucket_reso_steps"], o["bucket_no_upscale"])
     spec = DatasetSpec(d.kind, o["batch_size"], buckets, source=d.source)
-    used: dict[str, str] = {}  # image_dir / metadata_file of subsets already taken → their source
+    used: dict[str, SubsetConfig] = {}  # image_dir / metadata_file of subsets already taken → that subset
     for s in d.subsets:
         so = s.options
         is_reg = bool(so.get("is_reg", False))
@@ -318,14 +394,13 @@ def _build_dataset(d: DatasetEntry, problems: list[str], notes: list[str]) -> Da
             skipped = "num_repeats < 1"
             notes.append(f"{s.source}: num_repeats is {so['num_repeats']}, so kohya ignores this subset")
         elif key in used:
-            skipped = f"duplicate of {used[key]}"
-            notes.append(f"{s.source}: same {'metadata_file' if s.kind == FINETUNING else 'image_dir'} as"
-                         f" {used[key]} in the same dataset; kohya ignores the later one")
+            skipped = f"duplicate of {used[key].source}"
+            notes.append(_duplicate_note(s, used[key]))
         else:
             scan = scan_finetuning if s.kind == FINETUNING else scan_dreambooth
             found = scan(s.source, so, problems, notes)
             if found:
-                used[key] = s.source
+                used[key] = s
             else:
                 skipped = "no images"
         index = len(spec.subsets)
@@ -342,6 +417,25 @@ def _build_dataset(d: DatasetEntry, problems: list[str], notes: list[str]) -> Da
         notes.append(f"{d.source}: {reg} reg images × repeats for {train} train images × repeats; as in kohya, only"
                      " the first reg images (up to the train count) are used each epoch")
     return spec
+
+
+def _duplicate_note(later: SubsetConfig, first: SubsetConfig) -> str:
+    """Two subsets of one dataset name the same folder (or metadata file): this trainer keeps the
+    first. kohya compares the two strings as written, so its outcome depends on the spelling."""
+    what = "metadata_file" if later.kind == FINETUNING else "image_dir"
+    head = f"{later.source}: same {what} as {first.source} in the same dataset, so this subset is skipped"
+    a, b = first.written, later.written
+    if a is None or b is None or a == b:
+        return head + " (kohya skips it too)"
+    if later.kind == FINETUNING:
+        kohya = "kohya compares the paths as written, so it would read the file twice and train its images twice"
+    elif os.path.join(a, "x") == os.path.join(b, "x"):  # e.g. "imgs" and "imgs/": the same image paths
+        kohya = ("kohya compares the paths as written and keeps both subsets, but their images get the same"
+                 " paths, so it trains each once with the later subset's options")
+    else:
+        kohya = ("kohya compares the paths as written, so it would keep both subsets and train each image twice"
+                 " (once per subset, with each subset's num_repeats)")
+    return f"{head}: {b!r} and {a!r} are one folder here; {kohya}"
 
 
 def build_plan(cfg: DatasetConfig, prior_loss_weight: float = 1.0) -> DatasetPlan:
@@ -364,6 +458,18 @@ def load_dataset_config(path: str, prior_loss_weight: float = 1.0) -> DatasetPla
 def effective_repeats(spec: DatasetSpec) -> list[int]:
     """Per item, how often kohya shows it per epoch (``plan.balanced_repeats``)."""
     return balanced_repeats(spec.items)
+
+
+def image_counts(plan: DatasetPlan) -> str:
+    """The image counts in words, saying which include repeats: "5 train images (50 with
+    repeats) + 4 reg images (8 with repeats, 50 used per epoch)"."""
+    train = [i for spec in plan.datasets for i in spec.items if not i.is_reg and i.repeats > 0]
+    reg = [i for spec in plan.datasets for i in spec.items if i.is_reg and i.repeats > 0]
+    text = f"{len(train)} train images ({sum(i.repeats for i in train)} with repeats)"
+    if reg:
+        used = sum(n for spec in plan.datasets for n, i in zip(effective_repeats(spec), spec.items) if i.is_reg)
+        text += f" + {len(reg)} reg images ({sum(i.repeats for i in reg)} with repeats, {used} used per epoch)"
+    return text
 
 
 def plan_summary(plan: DatasetPlan) -> dict:
@@ -395,5 +501,5 @@ def plan_summary(plan: DatasetPlan) -> dict:
         datasets.append(ds)
         for key in total:
             total[key] += ds[key]
-    return {"datasets": datasets, "total": total, "prior_loss_weight": plan.prior_loss_weight,
-            "warnings": list(plan.warnings)}
+    return {"datasets": datasets, "total": total, "images": image_counts(plan),
+            "prior_loss_weight": plan.prior_loss_weight, "warnings": list(plan.warnings)}

@@ -46,6 +46,71 @@ def list_images(folder: str) -> list[str]:
     return sorted(os.path.abspath(p) for p in paths)
 
 
+@dataclass(frozen=True)
+class ConceptFolder:
+    """A sub-folder read as kohya reads ``--train_data_dir``: ``10_sks dog`` → 10 repeats,
+    class tokens "sks dog"."""
+
+    path: str
+    name: str
+    repeats: int | None  # None: the name does not start with an integer and "_"
+    class_tokens: str
+    images: int
+
+
+def concept_params(name: str) -> tuple[int, str] | None:
+    """kohya's reading of a folder name: the text before the first "_" is the repeat count
+    (Python's ``int``, as kohya), the rest, underscores kept, the class tokens ("10" → (10, ""));
+    None when the first part is not an integer."""
+    head, _, rest = name.partition("_")
+    try:
+        return int(head), rest
+    except ValueError:
+        return None
+
+
+def concept_folders(parent: str) -> list[ConceptFolder]:
+    """The sub-folders of ``parent`` in name order (kohya takes the file system's order, which
+    differs between machines), each with its kohya reading and image count."""
+    out = []
+    with os.scandir(parent) as it:
+        dirs = sorted((e.name, e.path) for e in it if e.is_dir())
+    for name, path in dirs:
+        params = concept_params(name)
+        try:
+            count = len(list_images(path))
+        except OSError:
+            count = 0
+        repeats, tokens = params if params else (None, "")
+        out.append(ConceptFolder(os.path.abspath(path), name, repeats, tokens, count))
+    return out
+
+
+def toml_str(text: str) -> str:
+    """A TOML string for a message the user may paste (a literal string keeps backslashes)."""
+    return f"'{text}'" if "'" not in text and "\n" not in text else json.dumps(text)
+
+
+def _explain_concept_parent(src: str, folder: str, is_reg: bool) -> str | None:
+    """The problem when ``image_dir`` names a parent of kohya ``<repeats>_<class tokens>``
+    folders: what was found and what to write instead; None when it is not one."""
+    found = [c for c in concept_folders(folder) if c.repeats is not None and c.images]
+    if not found:
+        return None
+    listed = ", ".join(f"{c.name!r} ({c.images} images: num_repeats {c.repeats}, class_tokens {c.class_tokens!r})"
+                       for c in found[:_SHOW])
+    more = f" and {len(found) - _SHOW} more" if len(found) > _SHOW else ""
+    first = found[0]
+    key = "reg_data_dir" if is_reg else "train_data_dir"
+    return (
+        f"{src}.image_dir: {folder} holds no images itself but kohya concept folders {listed}{more}; kohya reads"
+        f" such folders only through --{key}. Write {key} = {toml_str(folder)} at the top of the training config"
+        f" in place of the [[datasets]] tables, or give each folder its own [[datasets.subsets]] entry"
+        f" (image_dir = {toml_str(first.path)}, num_repeats = {first.repeats},"
+        f" class_tokens = {toml_str(first.class_tokens)}{', is_reg = true' if is_reg else ''})"
+    )
+
+
 def _explain_empty(folder: str) -> str:
     """Why a folder that exists may hold no usable images."""
     others, nested = [], []
@@ -65,8 +130,8 @@ def _explain_empty(folder: str) -> str:
     if nested:
         why += (
             f"; its sub-folders ({', '.join(sorted(nested)[:_SHOW])}) hold images, but image_dir must be"
-            " the folder that directly contains them (kohya's '<repeats>_<class>' sub-folder layout"
-            " is only for --train_data_dir, not for a dataset config)"
+            " the folder that directly contains them (kohya's '<repeats>_<class tokens>' sub-folder layout"
+            " is read through train_data_dir, a top-level key of the training config)"
         )
     return why
 
@@ -109,6 +174,10 @@ def scan_dreambooth(src: str, opts: dict, problems: list[str], notes: list[str])
         return []
     images = list_images(folder)
     if not images:
+        parent = _explain_concept_parent(src, folder, bool(opts.get("is_reg")))
+        if parent:  # kohya would skip the subset; nearly always a misplaced train_data_dir
+            problems.append(parent)
+            return []
         notes.append(f"{src}: no images in {folder}, so kohya ignores this subset{_explain_empty(folder)}")
         return []
 
@@ -160,10 +229,11 @@ def scan_dreambooth(src: str, opts: dict, problems: list[str], notes: list[str])
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def _read_metadata(path: str, src: str, problems: list[str]) -> dict | None:
+def _read_metadata(path: str, src: str, problems: list[str], notes: list[str]) -> dict | None:
     """kohya's metadata: JSON ``{image_key: {caption, tags, image_size}}`` or JSONL, one
     ``{"image_path", "caption", "tags", "image_size"}`` object per line (only
-    ``image_path`` is required)."""
+    ``image_path`` is required). A key listed twice keeps its last entry, as in kohya, which
+    says nothing; here a warning names each such key."""
     if not os.path.isfile(path):
         problems.append(f"{src}.metadata_file: {path} does not exist")
         return None
@@ -173,29 +243,47 @@ def _read_metadata(path: str, src: str, problems: list[str]) -> dict | None:
     except (OSError, UnicodeDecodeError) as e:
         problems.append(f"{src}.metadata_file: cannot read {path}: {e}")
         return None
+    repeated: dict[str, list[str]] = {}  # key → where each of its entries is (line numbers for JSONL)
     if not path.lower().endswith(".jsonl"):
+        objects: list[list[str]] = []  # per JSON object, its keys in order; the outermost comes last
+
+        def keep_pairs(pairs):
+            objects.append([k for k, _ in pairs])
+            return dict(pairs)  # the last value of a repeated key wins, as json.load does
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=keep_pairs)
         except json.JSONDecodeError as e:
             problems.append(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}")
             return None
         if not isinstance(data, dict):
             problems.append(f"{path}: expected a JSON object {{image_key: {{\"caption\": ...}}}}")
             return None
-        return data
-    data = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue  # kohya fails on blank lines; a trailing one is common, so skip them
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}: line {n}, column {e.colno}: invalid JSON: {e.msg}")
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
-            problems.append(f"{path}: line {n}: expected an object with an \"image_path\" string")
-            continue
-        data[row["image_path"]] = {k: row[k] for k in ("caption", "tags", "image_size") if k in row}
+        for key in objects[-1]:
+            repeated.setdefault(key, []).append("")
+    else:
+        data = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue  # kohya fails on blank lines; a trailing one is common, so skip them
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}: line {n}, column {e.colno}: invalid JSON: {e.msg}")
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("image_path"), str):
+                problems.append(f"{path}: line {n}: expected an object with an \"image_path\" string")
+                continue
+            data[row["image_path"]] = {k: row[k] for k in ("caption", "tags", "image_size") if k in row}
+            repeated.setdefault(row["image_path"], []).append(str(n))
+    twice = {k: lines for k, lines in repeated.items() if len(lines) > 1}
+    if twice:
+        where = ", ".join(f"{k!r} {len(v)} times" + (f" (lines {', '.join(v)})" if v[0] else "")
+                          for k, v in list(twice.items())[:_SHOW])
+        more = f" and {len(twice) - _SHOW} more" if len(twice) > _SHOW else ""
+        notes.append(f"{path}: {len(twice)} image keys are listed more than once ({where}{more}); each is trained"
+                     " once with its last entry's caption, tags and size, the earlier entries are ignored (kohya"
+                     " does the same without a warning)")
     return data
 
 
@@ -222,7 +310,7 @@ def scan_finetuning(src: str, opts: dict, problems: list[str], notes: list[str])
     if image_dir is not None and not os.path.isdir(image_dir):
         problems.append(f"{src}.image_dir: {image_dir} does not exist")
         return []
-    metadata = _read_metadata(md_path, src, problems)
+    metadata = _read_metadata(md_path, src, problems, notes)
     if metadata is None:
         return []
     if not metadata:
@@ -231,6 +319,7 @@ def scan_finetuning(src: str, opts: dict, problems: list[str], notes: list[str])
 
     sep = opts["caption_separator"]
     found, missing, relative, bad = [], [], [], []
+    spellings: dict[str, list[str]] = {}  # image file → the keys that name it
     for key, md in metadata.items():
         if not os.path.isabs(key) and image_dir is None:
             relative.append(key)
@@ -257,6 +346,7 @@ def scan_finetuning(src: str, opts: dict, problems: list[str], notes: list[str])
             missing.append(key)
             continue
         found.append(Found(path, caption, size))
+        spellings.setdefault(path, []).append(key)
 
     if relative:
         problems.append(
@@ -267,6 +357,14 @@ def scan_finetuning(src: str, opts: dict, problems: list[str], notes: list[str])
         problems.append(f"{md_path}: {b}")
     if len(bad) > _SHOW:
         problems.append(f"{md_path}: ... and {len(bad) - _SHOW} more bad entries")
+    same = {p: keys for p, keys in spellings.items() if len(keys) > 1}
+    if same:
+        # kohya keys its images by the metadata key, so two spellings of one file are two images.
+        last = {f.path: i for i, f in enumerate(found)}
+        found = [f for i, f in enumerate(found) if last[f.path] == i]
+        shown = "; ".join(" and ".join(repr(k) for k in keys) for keys in list(same.values())[:_SHOW])
+        notes.append(f"{src}: {len(same)} images are named by more than one key in {os.path.basename(md_path)}"
+                     f" ({shown}); each is trained once with its last entry; kohya would train it once per key")
     if missing:
         where = f" in {image_dir}" if image_dir else ""
         problems.append(

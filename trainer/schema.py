@@ -317,6 +317,7 @@ class Field:
     default: Any = None
     required: bool = False
     help: str = ""
+    kohya: str = ""  # kohya's name for this option ("" when kohya has none), for the reference
 
 
 class Schema:
@@ -366,9 +367,10 @@ def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
 
 
-def option(type: Type, default: Any = None, *, required: bool = False, help: str = "") -> Any:
-    """A dataclass field that also declares its schema (see :func:`schema_of`)."""
-    spec = {"type": type, "required": required, "help": help, "default": default}
+def option(type: Type, default: Any = None, *, required: bool = False, help: str = "", kohya: str = "") -> Any:
+    """A dataclass field that also declares its schema (see :func:`schema_of`); ``kohya`` is
+    kohya's name for the same option, when it has one."""
+    spec = {"type": type, "required": required, "help": help, "default": default, "kohya": kohya}
     if isinstance(default, (dict, list)):
         return dataclasses.field(default_factory=lambda: _copy(default), metadata={"schema": spec})
     return dataclasses.field(default=default, metadata={"schema": spec})
@@ -379,15 +381,16 @@ def schema_of(cls: type, hints: dict[str, str] | None = None) -> Schema:
     for f in dataclasses.fields(cls):
         spec = f.metadata.get("schema")
         if spec is not None:
-            fields.append(Field(f.name, spec["type"], spec["default"], spec["required"], spec["help"]))
+            fields.append(Field(f.name, spec["type"], spec["default"], spec["required"], spec["help"], spec["kohya"]))
     return Schema(fields, hints)
 
 
 def describe(schema: Schema, title: str) -> str:
     """Markdown reference of a schema's fields (for docs and ``--help-config``)."""
-    lines = [f"### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines = [f"### {title}", "", "| key | type | default | kohya name | meaning |", "|---|---|---|---|---|"]
     for f in schema.fields.values():
         plain = f.default is None or dataclasses.is_dataclass(f.default)
         default = "(required)" if f.required else ("" if plain else show(f.default))
-        lines.append(f"| `{f.name}` | {f.type.expected} | {default} | {f.help} |")
+        kohya = f"`{f.kohya}`" if f.kohya else "-"
+        lines.append(f"| `{f.name}` | {f.type.expected} | {default} | {kohya} | {f.help} |")
     return "\n".join(lines)
