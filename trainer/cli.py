@@ -11,11 +11,15 @@ from qrlora.qr import masked_parameter_count
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train a QR-LoRA (or a LoRA) kohya-style.")
-    p.add_argument("--config", required=True, help="the training TOML (model, network, training, ..., dataset)")
+    p.add_argument("--config", help="the training TOML (model, network, training, ..., dataset)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set training.learning_rate=5e-5")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the dataset plan, targets and step counts; load no weights")
+    # --- C2: config reference ---
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config section and key (type, default, kohya name, meaning) and exit")
+    # --- end C2 ---
     return p
 
 
@@ -57,8 +61,10 @@ def format_dry_run(r: dict) -> str:
                                                                       if not isinstance(v, (list, dict)) and k != "source"))
         for s in d.get("subsets", []):
             lines.append("    " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (list, dict))))
-    lines.append("  buckets: " + ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]}: {b['samples_per_epoch']}"
-                                           for b in r["buckets"]))
+    lines.append(f"  images: {r['dataset']['images']}")  # C2: says which counts include repeats
+    lines.append("  buckets (images with repeats): "  # C2: bucket counts include repeats, as kohya's
+                 + ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]}: {b['samples_per_epoch']}"
+                             for b in r["buckets"]))
     lines.append(f"  {r['batches_per_epoch']} batches per epoch, {r['steps_per_epoch']} steps per epoch, "
                  f"{r['total_steps']} steps in {r['epochs']} epochs")
     if "targets" in r:
@@ -73,7 +79,17 @@ def main(argv=None) -> int:
     from trainer.config import load_config
     from trainer.schema import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # --- C2: config reference ---
+    if args.help_config:
+        from trainer.config import reference
+
+        print(reference(), end="")
+        return 0
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
+    # --- end C2 ---
     try:
         cfg = load_config(args.config, args.set)
         if args.dry_run:

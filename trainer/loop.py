@@ -33,7 +33,7 @@ from trainer import checkpoint, setup
 from trainer.captions import tag_frequency
 from trainer.config import Config
 from trainer.data import collate
-from trainer.dataset_config import plan_summary
+from trainer.dataset_config import image_counts, plan_summary
 
 
 class TrainingStopped(RuntimeError):
@@ -404,7 +404,7 @@ class Trainer:
             if n.type == "qrlora" else self.network.parameter_count()
         self.say(
             f"{kind} rank {n.rank} on {len(self.targets)} layers ({trainable:,} trainable parameters{basis})\n"
-            f"{self.data.num_train_images} train + {self.data.num_reg_images} reg images, {s.batches_per_epoch} batches per epoch, "
+            f"{image_counts(self.plan)}, {s.batches_per_epoch} batches per epoch, "  # C2: counts with/without repeats
             f"{s.steps_per_epoch} steps per epoch, {s.total_steps} steps in {s.epochs} epochs, "
             f"{self.accelerator.num_processes} process(es) on {self.device}"
         )
