@@ -142,3 +142,16 @@ def test_tag_frequency_from_plan_uses_subset_names_and_first_dataset_wins():
     freq = tag_frequency(DatasetPlan([first, second, tuned]))
     # Same folder name within one dataset (train "dogs" and reg "dogs") adds up, as in kohya.
     assert freq == {"dogs": {"dog": 2, "grass": 1}, "cats.json": {"cat": 1}}
+
+
+def test_a_byte_order_mark_is_removed_from_a_caption_file_with_a_warning(tmp_path):
+    from trainer.config import load_config
+    from tests.test_trainer_e2e import write_config
+
+    config = write_config(str(tmp_path))
+    (tmp_path / "dog" / "dog0.txt").write_bytes("\ufeffsks dog, sitting\n".encode("utf-8"))
+    plan = load_config(config).dataset_plan()
+    item = next(it for spec in plan.datasets for it in spec.items if it.path.endswith("dog0.png"))
+    assert item.caption == "sks dog, sitting"
+    assert any("1 caption files start with a UTF-8 byte-order mark (BOM), which was removed" in w and "dog0.txt" in w
+               for w in plan.warnings)

@@ -147,8 +147,9 @@ def _caption_candidates(image_path: str, ext: str) -> list[str]:
     return paths
 
 
-def read_caption(image_path: str, ext: str, problems: list[str]) -> str | None:
-    """The caption for an image (first line, stripped) or None if it has no caption file."""
+def read_caption(image_path: str, ext: str, problems: list[str], boms: list[str] | None = None) -> str | None:
+    """The caption for an image (first line, stripped) or None if it has no caption file.
+    A caption file that starts with a UTF-8 byte-order mark is added to ``boms``."""
     for cap in _caption_candidates(image_path, ext):
         if not os.path.isfile(cap):
             continue
@@ -161,7 +162,12 @@ def read_caption(image_path: str, ext: str, problems: list[str]) -> str | None:
         if not lines:  # kohya asserts here too
             problems.append(f"caption file is empty: {cap}")
             return ""
-        return lines[0].strip()
+        first = lines[0]
+        if first.startswith("\ufeff"):  # a BOM (Windows editors): read as plain UTF-8 it joins the first tag
+            first = first[1:]
+            if boms is not None:
+                boms.append(cap)
+        return first.strip()
     return None
 
 
@@ -185,9 +191,9 @@ def scan_dreambooth(src: str, opts: dict, problems: list[str], notes: list[str])
     if ext and not ext.startswith("."):
         ext = "." + ext  # kohya adds the dot ("txt" means ".txt")
     class_tokens = opts["class_tokens"]
-    found, missing, blank = [], [], []
+    found, missing, blank, boms = [], [], [], []
     for path in images:
-        caption = read_caption(path, ext, problems)
+        caption = read_caption(path, ext, problems, boms)
         if caption is None:
             missing.append(path)
             caption = class_tokens if class_tokens is not None else ""
@@ -218,6 +224,9 @@ def scan_dreambooth(src: str, opts: dict, problems: list[str], notes: list[str])
                 f"{src}: {len(rest)} of {len(images)} images have no {ext} file and use class_tokens"
                 f" {class_tokens!r} ({_names(rest)})"
             )
+    if boms:
+        notes.append(f"{src}: {len(boms)} caption files start with a UTF-8 byte-order mark (BOM), which was"
+                     f" removed; read as plain UTF-8 it would become part of the first tag ({_names(boms)})")
     if blank:
         notes.append(
             f"{src}: {len(blank)} caption files are blank; kohya trains those images with an empty caption,"
