@@ -124,7 +124,7 @@ def pattern_dark(pattern: str, image_size: int = IMAGE_SIZE, dx: int = 0, dy: in
     if pattern == "checkered":
         return (x >= half) ^ (y >= half)
     if pattern == "dotted":  # one dark dot of half the period per cell
-        return (x >= 1) & (x < 1 + half) & (y >= 1) & (y < 1 + half)
+        return (x < half) & (y < half)
     raise ValueError(f"unknown pattern {pattern!r}; known: {', '.join(PATTERNS)}")
 
 

@@ -1,0 +1,91 @@
+"""The lab base model: its built VAE, the batched sampler, and the committed checkpoint, which
+loads like any SDXL file (the trainer's loader, ``qrlora basis``) and re-scores within the
+figures recorded when it was trained."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer.lab import model, pretrain, score, world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB_BASE = os.path.join(ROOT, "examples", "lab", "lab-base.safetensors")
+LAB_CONFIG = os.path.join(ROOT, "examples", "lab", "config")
+needs_base = pytest.mark.skipif(not os.path.isfile(LAB_BASE), reason="examples/lab/lab-base.safetensors not built")
+
+
+def test_vae_encodes_two_by_two_means_and_decodes_them_back(single_threaded):
+    vae = model.pixel_vae()
+    scenes = world.sample_scenes(8, seed=1, combos=world.Vocabulary().combinations())
+    pixels = world.to_pixels(world.render_batch(scenes))
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+        latents = dist.sample(torch.Generator().manual_seed(0))
+        decoded = vae.decode(latents).sample
+    means = torch.nn.functional.avg_pool2d(pixels, 2)
+    assert latents.shape == (8, 4, 16, 16)
+    assert (latents[:, :3] - means).abs().max() < 1e-4  # the sampling noise is ~3e-7
+    assert latents[:, 3].abs().max() < 1e-4
+    blocks = torch.nn.functional.interpolate(means, scale_factor=2, mode="nearest")
+    assert (decoded - blocks).abs().max() * 127.5 < 0.5  # under half an 8-bit level
+
+
+def test_vae_round_trip_keeps_the_base_worlds_labels_readable(single_threaded):
+    """The ceiling the base model is measured against: renders through the VAE and back."""
+    vocab = pretrain.BASE_VOCABULARY
+    scenes = world.sample_scenes(200, seed=2, combos=vocab.combinations())
+    vae = model.pixel_vae()
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(world.to_pixels(world.render_batch(scenes))).latent_dist.mode()).sample
+    acc = score.accuracy(score.read_batch(decoded, shapes=vocab.shapes, patterns=vocab.patterns), scenes)
+    assert acc["colour"] == 1.0 and acc["background"] == 1.0
+    assert acc["shape"] >= 0.97
+
+
+def test_batched_sampling_equals_the_familys_one_image_sampler(single_threaded):
+    from trainer.families import get_family
+    from trainer.lab.sample import sample_batch
+
+    family = get_family("sdxl")
+    models = pretrain.memory_models(model.build(0), family)
+    prompts, seeds = ["a red circle on white", "a blue cross on black"], [7, 8]
+    batch = sample_batch(family, models, prompts, seeds, steps=4, guidance_scale=2.0, sampler="euler_a")
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        image = family.sample(models, prompt, "", steps=4, guidance_scale=2.0, seed=seed, sampler="euler_a")
+        one = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+        one = one.permute(2, 0, 1)
+        assert (((batch[i] + 1) * 127.5).round() - one.float()).abs().max() <= 1
+
+
+@needs_base
+def test_lab_base_loads_through_the_trainers_sdxl_loader_and_rescores_within_its_record(single_threaded):
+    with open(os.path.splitext(LAB_BASE)[0] + ".json", encoding="utf-8") as f:
+        record = json.load(f)
+    from trainer.families import get_family
+
+    family = get_family("sdxl")
+    assert family.recognises(LAB_BASE)
+    models = pretrain.load(LAB_BASE, LAB_CONFIG)
+    assert models.basis_source == LAB_BASE
+    recipe = pretrain.Recipe(**record["recipe"])
+    n = 32
+    got = pretrain.evaluate(family, models, recipe, n=n, seed=record["heldout"]["eval_seed"])
+    # The first n of the recorded evaluation's scenes and seeds: same images, up to float
+    # summation order; allow 2 of 32 to flip.
+    for kind in ("colour", "shape"):
+        assert got[kind] >= record["heldout"][kind] - 2 / n - 0.05, (kind, got, record["heldout"])
+
+
+@needs_base
+def test_qrlora_basis_accepts_the_lab_base(tmp_path):
+    out = tmp_path / "basis.safetensors"
+    run = subprocess.run([sys.executable, "-m", "qrlora", "basis", LAB_BASE, "--rank", "4", "-o", str(out),
+                          "--cache", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from qrlora.checkpoint import SafetensorsFile
+
+    assert len(SafetensorsFile(str(out)).keys) > 20

@@ -1,0 +1,34 @@
+"""``python -m trainer.lab pretrain --out examples/lab/lab-base.safetensors``: see docs/lab.md."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    from qrlora.errors import UserError
+
+    from .pretrain import Recipe, pretrain
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="train the lab base model on the procedural world")
+    p.add_argument("--out", required=True, help="the SGM .safetensors to write (configs go into config/ beside it)")
+    for f in dataclasses.fields(Recipe):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    try:
+        report = pretrain(args.out, recipe, say=lambda m: print(m, flush=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: report[k] for k in ("heldout", "vocabulary_max_cosine", "total_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The lab base model: an SDXL-architecture UNet, the tiny SDXL's two text encoders (frozen,
+random), and a pixel-space VAE, written as an SGM single file like any SDXL checkpoint.
+
+Pixel space: the VAE is built, not trained. It keeps the image size (one level, no down- or
+up-sampling), its encoder's mean is the RGB pixels (and 0 in the fourth latent channel) with
+a log-variance at diffusers' floor (sampling adds noise of std 3e-7), and its decoder maps
+those latents back to the same pixels: every residual branch is zeroed (identity blocks), and
+the GroupNorm -> SiLU -> conv tail of each half is made affine: the normalised group holds
+(x, K, -x, -K) for a constant K = 1000, so its mean is exactly 0 and its standard deviation
+K/2 to within 1e-6 for any image; the norm's scale restores x and a bias of 20 keeps
+SiLU on its linear part (SiLU(x + 20) = x + 20 to within 1e-7), which the conv removes.
+Round trip error: under one 8-bit level (tested).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qrlora.checkpoint import save_atomic
+from qrlora.tiny import sdxl as tiny
+
+IMAGE_SIZE = 32
+LATENT_CHANNELS = 4
+_K, _SHIFT = 1000.0, 20.0
+
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 2,  # latents: the VAE halves the image size
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL's: no attention at full resolution
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    transformer_layers_per_block=1,
+    attention_head_dim=(4, 8),  # diffusers' name for the head count; head width 8
+    norm_num_groups=8,
+    cross_attention_dim=tiny.TE1_HIDDEN + tiny.TE2_HIDDEN,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=tiny.TIME_DIM,
+    projection_class_embeddings_input_dim=6 * tiny.TIME_DIM + tiny.TE2_HIDDEN,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,  # one 2x down-sampling, like one of SDXL's three
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 8),  # (r, g, b, K, -r, -g, -b, -K)
+    layers_per_block=1,
+    latent_channels=LATENT_CHANNELS,
+    norm_num_groups=1,
+    sample_size=IMAGE_SIZE,
+    scaling_factor=1.0,  # latents are pixels in [-1, 1]
+    force_upcast=True,
+)
+
+
+def _signed_channels(conv: torch.nn.Conv2d, sources: int) -> None:
+    """conv -> 8 channels (s_0..s_2, K, -s_0..-s_2, -K) of its first ``sources`` inputs, centre tap."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    centre = tuple(k // 2 for k in conv.kernel_size)
+    for c in range(3):
+        conv.weight[c, c][centre] = 1.0 if c < sources else 0.0
+        conv.weight[4 + c, c][centre] = -1.0 if c < sources else 0.0
+    conv.bias[3], conv.bias[7] = _K, -_K
+
+
+def _affine_tail(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d, outputs: list[tuple[int, int]]) -> None:
+    """GroupNorm -> SiLU -> conv made to copy channel i of the signed 8 to output o, for (o, i)."""
+    norm.weight.fill_(_K / 2)  # the group's std is K/2 (2 of its 8 channels are +-K): undo it
+    norm.bias.fill_(_SHIFT)  # SiLU is the identity plus 20 far from 0
+    conv.weight.zero_()
+    conv.bias.zero_()
+    centre = tuple(k // 2 for k in conv.kernel_size)
+    for o, i in outputs:
+        conv.weight[o, i][centre] = 1.0
+        conv.bias[o] = -_SHIFT
+
+
+def pixel_vae():
+    """The identity-like ``AutoencoderKL`` described above."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        vae = AutoencoderKL(**VAE_CONFIG).eval()
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            # Zero every residual branch (resnet conv2, attention output) and what feeds nothing.
+            if ".conv2." in name or ".to_out." in name or ".to_q." in name or ".to_k." in name or ".to_v." in name:
+                p.zero_()
+        enc, dec = vae.encoder, vae.decoder
+        _signed_channels(enc.conv_in, 3)
+        # mean = pixels (channel 3 = 0); log-variance = -30 (diffusers clamps there)
+        _affine_tail(enc.conv_norm_out, enc.conv_out, [(c, c) for c in range(3)])
+        enc.conv_out.bias[LATENT_CHANNELS:] = -30.0
+        # encoder down-sampler (pad right/bottom, 3x3 stride 2): the mean of each 2x2 block
+        down = enc.down_blocks[0].downsamplers[0].conv
+        down.weight.zero_()
+        down.bias.zero_()
+        for c in range(down.out_channels):
+            down.weight[c, c, :2, :2] = 0.25
+        # decoder up-sampler (nearest 2x, then 3x3): the centre tap, so each latent covers 2x2 pixels
+        up = dec.up_blocks[0].upsamplers[0].conv
+        up.weight.zero_()
+        up.bias.zero_()
+        for c in range(up.out_channels):
+            up.weight[c, c, 1, 1] = 1.0
+        vae.quant_conv.weight.zero_()
+        vae.quant_conv.bias.zero_()
+        for c in range(2 * LATENT_CHANNELS):
+            vae.quant_conv.weight[c, c, 0, 0] = 1.0
+        vae.post_quant_conv.weight.zero_()
+        vae.post_quant_conv.bias.zero_()
+        for c in range(LATENT_CHANNELS):
+            vae.post_quant_conv.weight[c, c, 0, 0] = 1.0
+        _signed_channels(dec.conv_in, 3)
+        _affine_tail(dec.conv_norm_out, dec.conv_out, [(c, c) for c in range(3)])
+    return vae
+
+
+def fresh_unet(seed: int):
+    """A randomly initialised (diffusers' own initialisers) lab UNet; same seed, same weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build(seed: int) -> dict[str, torch.nn.Module]:
+    """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed``, pixel VAE."""
+    components = tiny.build_components(seed)
+    components["unet"] = fresh_unet(seed)
+    components["vae"] = pixel_vae()
+    return components
+
+
+def write(components: dict[str, torch.nn.Module], path: str, config_dir: str, metadata: dict[str, str]) -> None:
+    """The SGM single file (fp16, like released SDXL files) and the diffusers configs beside it."""
+    sd = {name: module.state_dict() for name, module in components.items()}
+    tensors = tiny.sgm_state_dict(sd["unet"], sd["text_encoder"], sd["text_encoder_2"], sd["vae"])
+    tensors = {k: v.detach().to(tiny.STORE_DTYPE).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_atomic(tensors, path, metadata=metadata)
+    for name in tiny.COMPONENTS:
+        folder = os.path.join(config_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        module = components[name]
+        if name.startswith("text_encoder"):
+            module.config.save_pretrained(folder)
+        else:
+            module.save_config(folder)

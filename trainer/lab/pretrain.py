@@ -1,0 +1,218 @@
+"""Pretraining the lab base model on the world (``python -m trainer.lab pretrain``).
+
+Only the UNet trains. The text encoders are the tiny SDXL's random ones, frozen: they already
+separate the vocabulary (``vocabulary_separation``), so every caption's conditioning is
+computed once. Images are drawn fresh every step from a generator seeded by (seed, step), and
+each step's noise and timesteps likewise, so a run is a function of its recipe (and the
+thread count, through float summation order). The loss, noise schedule, conditioning and
+sampler are the trainer's own SDXL ones (``trainer.families.sdxl``), so the model is trained
+exactly as adapters on it will be. Weights are an EMA of the UNet's.
+
+Evaluation samples captions held out of training (combinations never seen, every single word
+seen) and reads the images with ``trainer.lab.score``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import model as lab_model
+from . import score, world
+
+# The base world: four shapes, solid, every colour and background. The other shapes and the
+# patterns are left for adapters to teach.
+BASE_VOCABULARY = world.Vocabulary(shapes=("circle", "square", "triangle", "cross"), patterns=("solid",))
+HELD_OUT_EVERY = 5
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    steps: int = 1200
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1  # empty captions, so classifier-free guidance is possible
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float = 5.0
+    eval_samples: int = 96
+    eval_steps: int = 20
+    eval_sampler: str = "euler_a"
+    eval_guidance: float = 1.0
+    threads: int = 1
+
+
+def base_combinations() -> tuple[list, set]:
+    """(training combinations, held-out combinations) of the base world."""
+    held = world.held_out(BASE_VOCABULARY, HELD_OUT_EVERY)
+    return [c for c in BASE_VOCABULARY.combinations() if c not in held], held
+
+
+def memory_models(components: dict, family):
+    """A trainer ``Models`` around in-memory components (the loader's conventions: CLIP
+    tokenizers, SDXL base's DDPM schedule), for training before any file exists."""
+    from diffusers import DDPMScheduler
+
+    from trainer.families import Models, cache_root
+    from trainer.families import sdxl_load as L
+    from trainer.families.sdxl import PAD_TOKENS
+    from trainer.tokenizers import resolve_clip_tokenizers
+
+    tokenizers, source = resolve_clip_tokenizers(PAD_TOKENS, None, None, cache_root("tokenizers"), False)
+    for m in components.values():
+        m.requires_grad_(False).eval()
+    return Models(
+        family=family.name, denoiser=components["unet"], vae=components["vae"],
+        text_encoders=[components["text_encoder"], components["text_encoder_2"]], tokenizers=tokenizers,
+        noise_scheduler=DDPMScheduler.from_config(L.scheduler_config()), basis_source=None, identity="lab-pretrain",
+        weight_dtype=torch.float32, vae_dtype=torch.float32, device=torch.device("cpu"), tokenizer_source=getattr(source, "description", str(source)),
+    )
+
+
+def vocabulary_separation(family, models, vocab: world.Vocabulary = BASE_VOCABULARY) -> float:
+    """The largest cosine between the conditioning of two captions differing in one word: how
+    well the frozen random encoders tell the words apart (1.0 would be indistinguishable)."""
+    combos = vocab.combinations()
+    captions = [world.caption(world.Scene(*c, 16, 16, 16)) for c in combos]
+    conds = family.encode_prompts(models, captions)
+    flat = torch.cat([conds["encoder_hidden_states"].flatten(1), conds["text_embeds"]], dim=1)
+    flat = flat - flat.mean(dim=0)  # what tells captions apart, not what they share
+    flat = torch.nn.functional.normalize(flat, dim=1)
+    cos = flat @ flat.T
+    worst = -1.0
+    for i, a in enumerate(combos):
+        for j, b in enumerate(combos):
+            if i < j and sum(x != y for x, y in zip(a, b)) == 1:
+                worst = max(worst, cos[i, j].item())
+    return worst
+
+
+def _lr(step: int, r: Recipe) -> float:
+    return r.learning_rate * min(1.0, (step + 1) / max(1, r.warmup_steps))
+
+
+def train(recipe: Recipe, say=print) -> dict:
+    """Train the UNet; returns the components with the EMA UNet in place, and the loss curve."""
+    from trainer.families import get_family
+
+    torch.set_num_threads(recipe.threads)
+    family = get_family("sdxl")
+    components = lab_model.build(recipe.seed)
+    models = memory_models(components, family)
+    train_combos, _ = base_combinations()
+    captions = sorted({world.caption(world.Scene(*c, 16, 16, 16)) for c in train_combos}) + [""]
+    with torch.no_grad():
+        table = family.encode_prompts(models, captions)
+    index = {c: i for i, c in enumerate(captions)}
+
+    unet = models.denoiser
+    unet.requires_grad_(True).train()
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    losses, start = [], time.time()
+    for step in range(recipe.steps):
+        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        scenes = world.sample_scenes(recipe.batch_size, seed=int(torch.randint(0, 2**62, (1,), generator=g)),
+                                     combos=train_combos)
+        pixels = world.to_pixels(world.render_batch(scenes))
+        latents = family.encode_images(models, pixels, g)
+        drop = torch.rand(recipe.batch_size, generator=g) < recipe.caption_dropout
+        rows = torch.tensor([index[""] if d else index[world.caption(s)] for s, d in zip(scenes, drop.tolist())])
+        conds = {k: v[rows] for k, v in table.items()}
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, recipe)
+        loss = family.training_loss(models, {"latents": latents}, conds, generator=g,
+                                    min_snr_gamma=recipe.min_snr_gamma).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+        opt.step()
+        with torch.no_grad():
+            decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # short runs: a warming EMA
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == recipe.steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            say(f"step {step + 1}/{recipe.steps}  loss {recent:.4f}  {time.time() - start:.0f} s")
+    components["unet"] = ema
+    return {"components": components, "losses": losses, "train_seconds": time.time() - start}
+
+
+def evaluate(family, models, recipe: Recipe, n: int | None = None, seed: int = 12345) -> dict:
+    """Sample ``n`` held-out captions (fixed scenes and seeds) and score them."""
+    from .sample import sample_batch
+
+    n = recipe.eval_samples if n is None else n
+    _, held = base_combinations()
+    scenes = world.sample_scenes(n, seed=seed, combos=sorted(held))
+    images = sample_batch(family, models, [world.caption(s) for s in scenes], [seed + i for i in range(n)],
+                          steps=recipe.eval_steps, guidance_scale=recipe.eval_guidance, sampler=recipe.eval_sampler)
+    readings = score.read_batch(images, shapes=BASE_VOCABULARY.shapes, patterns=BASE_VOCABULARY.patterns)
+    acc = score.accuracy(readings, scenes)
+    return {"samples": n, "eval_seed": seed, **{k: round(v, 4) for k, v in acc.items()}, "images": images}
+
+
+def pretrain(out: str, recipe: Recipe, say=print) -> dict:
+    """Train, write ``out`` (+ ``config/`` and ``<stem>.json`` beside it), reload it through the
+    trainer's SDXL loader and score held-out captions; returns the report."""
+    from trainer.families import get_family
+
+    t0 = time.time()
+    result = train(recipe, say)
+    folder = os.path.dirname(os.path.abspath(out))
+    config_dir = os.path.join(folder, "config")
+    meta = {"qrlora.lab": json.dumps({"recipe": dataclasses.asdict(recipe)}, sort_keys=True)}
+    lab_model.write(result["components"], out, config_dir, meta)
+
+    family = get_family("sdxl")
+    models = load(out, config_dir)
+    sep = vocabulary_separation(family, models)
+    ev = evaluate(family, models, recipe)
+    images = ev.pop("images")
+    grid = os.path.splitext(out)[0] + "-heldout.png"
+    save_grid(images[:64], grid)
+    report = {
+        "file": os.path.basename(out), "recipe": dataclasses.asdict(recipe), "heldout": ev,
+        "vocabulary_max_cosine": round(sep, 4), "final_loss": round(sum(result["losses"][-50:]) / 50, 5),
+        "train_seconds": round(result["train_seconds"], 1), "total_seconds": round(time.time() - t0, 1),
+    }
+    from qrlora.checkpoint import write_bytes_atomic
+
+    text = json.dumps(report, indent=1, sort_keys=True) + "\n"
+    write_bytes_atomic(os.path.splitext(out)[0] + ".json", text.encode("utf-8"))
+    return report
+
+
+def load(path: str, config_dir: str):
+    """The lab base through the trainer's SDXL loader, as ``python -m trainer`` loads it."""
+    from types import SimpleNamespace
+
+    from trainer.families import get_family
+
+    cfg = SimpleNamespace(pretrained=path, config_dir=config_dir, tokenizer=None, vae=None, prediction_type=None)
+    return get_family("sdxl").load(cfg, "cpu", torch.float32)
+
+
+def save_grid(images: torch.Tensor, path: str, columns: int = 8, scale: int = 4) -> None:
+    """[-1, 1] images -> one PNG grid, each image scaled up ``scale`` times (nearest)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    canvas = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = u8[i]
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
