@@ -82,14 +82,15 @@ def test_full_clip_vocabulary(tmp_path):
     assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
     for text in SENTENCES:
         assert tok(text).input_ids == reference_bpe(text, vocab, merges), text
-    # a second call uses the cache
+    # a second call uses the cache; the folder is CLIP's by its recorded digest
     assert T.full_clip_tokenizer_folder(str(tmp_path)) == folder
+    assert T.folder_digest([folder]) == T.CLIP_FOLDER_SHA256
 
 
 @needs_bpe
 def test_sdxl_padding_and_truncation(tmp_path):
-    toks, source = T.resolve_clip_tokenizers((T.EOS, "!"), None, None, str(tmp_path), allow_tiny=False)
-    assert "open_clip" in source
+    toks, choice = T.resolve_clip_tokenizers((T.EOS, "!"), None, None, str(tmp_path), builtin_tiny=False)
+    assert "open_clip" in choice.source
     one, two = (t("a dog", padding="max_length", max_length=77, truncation=True).input_ids for t in toks)
     assert one[:4] == two[:4] == [49406, 320, 1929, 49407]
     assert set(one[4:]) == {49407} and set(two[4:]) == {0}  # CLIP-L pads with the end token, bigG with "!"
@@ -131,18 +132,53 @@ def test_resolution_order(tmp_path, monkeypatch):
                     (tmp_path / root / sub / f).write_text(src.read(), encoding="utf-8")
     cache = str(tmp_path / "cache")
     pads = (T.EOS, "!")
-    toks, source = T.resolve_clip_tokenizers(pads, str(tmp_path / "user"), str(tmp_path / "model"), cache, False)
-    assert source == str(tmp_path / "user") and [t.pad_token_id for t in toks] == [toks[0].eos_token_id, 0]
-    toks, source = T.resolve_clip_tokenizers(pads, str(tmp_path / "user" / "tokenizer"), None, cache, False)
-    assert source.endswith("tokenizer") and len(toks) == 2  # one CLIP tokenizer folder for both
-    toks, source = T.resolve_clip_tokenizers(pads, None, str(tmp_path / "model"), cache, False)
-    assert source == str(tmp_path / "model")
+    toks, choice = T.resolve_clip_tokenizers(pads, str(tmp_path / "user"), str(tmp_path / "model"), cache, False)
+    assert choice.source == str(tmp_path / "user") and [t.pad_token_id for t in toks] == [toks[0].eos_token_id, 0]
+    assert choice.kind == "model.tokenizer" and choice.sha256 == T.folder_digest(choice.folders)
+    toks, choice = T.resolve_clip_tokenizers(pads, str(tmp_path / "user" / "tokenizer"), None, cache, False)
+    assert choice.source.endswith("tokenizer") and len(toks) == 2  # one CLIP tokenizer folder for both
+    toks, choice = T.resolve_clip_tokenizers(pads, None, str(tmp_path / "model"), cache, False)
+    assert choice.source == str(tmp_path / "model") and choice.kind == "model folder"
     with pytest.raises(T.TokenizerNotFound, match="neither"):
         T.resolve_clip_tokenizers(pads, str(tmp_path), None, cache, False)
+    # a built-in tiny model: a named folder still wins over its own BPE
+    toks, choice = T.resolve_clip_tokenizers(pads, str(tmp_path / "user"), None, cache, builtin_tiny=True)
+    assert choice.kind == "model.tokenizer"
 
     monkeypatch.setattr(T, "open_clip_bpe_path", lambda: None)
     empty = str(tmp_path / "empty-cache")
-    toks, source = T.resolve_clip_tokenizers(pads, None, None, empty, allow_tiny=True)
-    assert "tiny" in source and len(toks[0]) < 49408
+    toks, choice = T.resolve_clip_tokenizers(pads, None, None, empty, builtin_tiny=True)
+    assert "tiny" in choice.source and len(toks[0]) < 49408
     with pytest.raises(T.TokenizerNotFound, match="open-clip-torch"):
-        T.resolve_clip_tokenizers(pads, None, None, empty, allow_tiny=False)
+        T.resolve_clip_tokenizers(pads, None, None, empty, builtin_tiny=False)
+
+
+def _fake_clip_folder(cache):
+    """A valid CLIP-style tokenizer where the full CLIP one would be cached, but not CLIP's."""
+    merges = T.learn_merges(T._TINY_WORDS, 50)
+    return T._write_tokenizer_folder(os.path.join(cache, "clip-bpe-16e6"), T.vocab_from_merges(merges), merges)
+
+
+def test_builtin_tiny_ignores_a_cached_full_vocabulary(tmp_path, monkeypatch):
+    """The built-in tiny model's tokenizer does not depend on what a cache holds or on open_clip."""
+    pads = (T.EOS, "!")
+    monkeypatch.setattr(T, "open_clip_bpe_path", lambda: None)
+    _, clean = T.resolve_clip_tokenizers(pads, None, None, str(tmp_path / "clean"), builtin_tiny=True)
+    filled = str(tmp_path / "filled")
+    _fake_clip_folder(filled)
+    _, again = T.resolve_clip_tokenizers(pads, None, None, filled, builtin_tiny=True)
+    assert again.kind == clean.kind == "built-in tiny BPE" and again.sha256 == clean.sha256
+
+
+def test_cached_folders_that_differ_from_the_derivation_are_not_used(tmp_path, monkeypatch):
+    cache = str(tmp_path)
+    tiny = T.tiny_clip_tokenizer_folder(cache)
+    good = T.folder_digest([tiny])
+    with open(os.path.join(tiny, "merges.txt"), "a", encoding="utf-8") as f:
+        f.write("d og</w>\n")  # a stale or damaged cached copy
+    assert T.folder_digest([T.tiny_clip_tokenizer_folder(cache)]) == good  # rewritten from the derivation
+    # without open_clip, a cached "CLIP" folder is trusted only with CLIP's digest
+    monkeypatch.setattr(T, "open_clip_bpe_path", lambda: None)
+    _fake_clip_folder(cache)
+    with pytest.raises(T.TokenizerNotFound, match="not CLIP's vocabulary"):
+        T.full_clip_tokenizer_folder(cache)

@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 
 import torch
 
@@ -75,6 +74,8 @@ class Trainer:
         for warning in list(cfg.warnings) + list(self.plan.warnings):
             self.say(f"warning: {warning}")
         self.family, self.models = setup.load_models(cfg, self.device)
+        self.inputs = setup.input_record(cfg, self.models)  # what decides the result: printed and saved
+        self.say(setup.describe_inputs(cfg, self.models))
         self.targets, modules = setup.layer_modules(cfg, self.family, self.models)
         self.te_names = setup.text_encoder_names(archs.get(self.family.name), self.targets)
         self.basis = None
@@ -98,7 +99,7 @@ class Trainer:
             self.step, self.epoch, self.batches_done = progress["step"], progress["epoch"], progress["batches_done"]
             self.say(f"resumed from {cfg.saving.resume} at step {self.step} (epoch {self.epoch})")
         self.started_at = time.time()
-        self.session = uuid.uuid4().hex[:16]
+        self.session = setup.session_id(cfg, self.inputs, setup.file_timestamp(self.started_at))
 
     @contextlib.contextmanager
     def main_first(self):
@@ -294,8 +295,10 @@ class Trainer:
         m = cfg.saving.metadata
         meta = {
             "ss_session_id": self.session,
-            "ss_training_started_at": str(int(self.started_at)),
-            "ss_training_finished_at": str(int(time.time())),
+            # $SOURCE_DATE_EPOCH fixes the timestamps: the same inputs then give the same bytes
+            "ss_training_started_at": str(setup.file_timestamp(self.started_at)),
+            "ss_training_finished_at": str(setup.file_timestamp()),
+            "modelspec.date": setup.file_date(setup.file_timestamp()),
             "ss_learning_rate": str(t.learning_rate),
             "ss_unet_lr": str(t.learning_rate),
             "ss_text_encoder_lr": str(cfg.network.text_encoder_lr or t.learning_rate),
@@ -324,6 +327,7 @@ class Trainer:
             "ss_datasets": json.dumps(plan_summary(self.plan)["datasets"]),
             "ss_training_comment": m.description or "",
             "qrlora.trainer_config": json.dumps(cfg.to_dict()),
+            **self.inputs,
         }
         for key in ("title", "author", "description", "license", "trigger_phrase"):
             value = getattr(m, key)

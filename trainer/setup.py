@@ -6,6 +6,9 @@ the same way.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from qrlora.basis import Basis, BasisCache, compute_basis
 from qrlora.cli import ProgressBar, default_cache_dir
 from trainer.cache import LatentCache, TextCache
 from trainer.config import Config
+from trainer.schema import ConfigError
 from trainer.data import TrainData
 from trainer.families import BUILTIN_PREFIX, ModelFamily, Models, detect_family, get_family
 from trainer.network import AdapterNetwork
@@ -155,3 +159,60 @@ def header_targets(cfg: Config) -> list[Target] | None:
 def text_encoder_names(arch: archs.Architecture, targets: list[Target]) -> set[str]:
     """Layers that live in a text encoder (their diffusers component is ``text_encoder*``)."""
     return {t.name for t in targets if arch.diffusers_components.get(t.name.split(".", 1)[0], "").startswith("text_encoder")}
+
+
+# ----------------------------------------------------------------- what decides the result
+def input_record(cfg: Config, models: Models) -> dict[str, str]:
+    """Metadata naming the inputs that decide the trained weights besides the config: the base
+    weights (by content), the tokenizer (how it was chosen and the digest of its files) and
+    the libraries that compute. Printed at start (``describe_inputs``) and written into every
+    saved file. Folder names only: files are shared, users' absolute paths are not."""
+    import diffusers
+    import transformers
+
+    base = {"pretrained": _shareable(cfg.model.pretrained), "identity": models.identity}
+    if cfg.model.vae:
+        base["vae"] = _shareable(cfg.model.vae)
+    tok = models.tokenizer
+    tokenizer = {"kind": tok.kind, "sha256": tok.sha256}
+    if tok.kind in ("model.tokenizer", "model folder"):
+        tokenizer["folder"] = _shareable(tok.source)
+    software = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    return {"qrlora.base_model": json.dumps(base), "qrlora.tokenizer": json.dumps(tokenizer),
+            "qrlora.software": json.dumps(software)}
+
+
+def _shareable(path: str) -> str:
+    return path if path.startswith(BUILTIN_PREFIX) else os.path.basename(os.path.normpath(path))
+
+
+def describe_inputs(cfg: Config, models: Models) -> str:
+    """The start-of-run lines saying which weights and tokenizer this run uses."""
+    vae = f", VAE {cfg.model.vae}" if cfg.model.vae else ""
+    return (f"base model: {cfg.model.pretrained} (content {models.identity}{vae})\n"
+            f"tokenizer: {models.tokenizer_source}")
+
+
+def file_timestamp(now: float | None = None) -> int:
+    """Seconds since the epoch for timestamps written into files: ``$SOURCE_DATE_EPOCH`` when
+    set (the reproducible-builds convention), so that the same inputs give the same bytes."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if fixed:
+        try:
+            return int(fixed)
+        except ValueError:
+            raise ConfigError([f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {fixed!r}"]) from None
+    return int(now if now is not None else datetime.datetime.now().timestamp())
+
+
+def file_date(timestamp: int) -> str:
+    """``modelspec.date`` (UTC, ISO 8601) of a ``file_timestamp``."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def session_id(cfg: Config, inputs: dict[str, str], started_at: int) -> str:
+    """kohya's ``ss_session_id`` (ties a run's periodic and final files together): derived from
+    the config, the inputs and the start time instead of drawn at random, so a reproducible
+    run writes the same id."""
+    text = json.dumps([cfg.to_dict(), inputs, started_at], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -44,7 +44,8 @@ class Models:
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     device: torch.device
-    tokenizer_source: str = ""
+    tokenizer_source: str = ""  # which tokenizer, with its digest (printed, recorded, part of text-cache keys)
+    tokenizer: Any = None  # trainer.tokenizers.TokenizerChoice: kind, source, digest
     info: dict[str, Any] = field(default_factory=dict)  # family-private (readers, configs, ...)
 
 
@@ -53,6 +54,7 @@ class ModelFamily(abc.ABC):
 
     name: str = ""  # "sdxl"; also the qrlora.archs architecture name
     builtin_models: tuple[str, ...] = ()  # names usable as "builtin:<name>"
+    samplers: tuple[str, ...] = ()  # sampler names ``sample`` accepts (checked before training)
 
     # ----------------------------------------------------------------- loading
     @abc.abstractmethod

@@ -90,6 +90,7 @@ def _matches(name: str, suffixes: Sequence[str]) -> bool:
 class SDXLFamily(ModelFamily):
     name = "sdxl"
     builtin_models = (TINY,)
+    samplers = tuple(SAMPLERS)
 
     # ----------------------------------------------------------------- loading
     def recognises(self, pretrained: str) -> bool:
@@ -137,8 +138,8 @@ class SDXLFamily(ModelFamily):
             mods["vae"] = L.load_vae(vae_path, vae_config, device, vae_dtype)
             weight_files += L.component_weight_files(vae_path) if os.path.isdir(vae_path) else [vae_path]
 
-        tokenizers, tok_source = resolve_clip_tokenizers(
-            PAD_TOKENS, getattr(model_cfg, "tokenizer", None), model_dir, cache_root("tokenizers"), allow_tiny=builtin
+        tokenizers, tok_choice = resolve_clip_tokenizers(
+            PAD_TOKENS, getattr(model_cfg, "tokenizer", None), model_dir, cache_root("tokenizers"), builtin_tiny=builtin
         )
         from diffusers import DDPMScheduler
 
@@ -155,7 +156,8 @@ class SDXLFamily(ModelFamily):
             weight_dtype=weight_dtype,
             vae_dtype=vae_dtype,
             device=device,
-            tokenizer_source=tok_source,
+            tokenizer_source=str(tok_choice),
+            tokenizer=tok_choice,
             info=info,
         )
 
