@@ -26,5 +26,6 @@ archs = _sub("archs")
 checkpoint = _sub("checkpoint")
 basis = _sub("basis")
 deltar = _sub("deltar")
+fusion = _sub("fusion")
 
 FileFormatError = checkpoint.FileFormatError

@@ -71,16 +71,17 @@ class Engine:
                 members.append(member)
         self._recent = (self._recent + [{m.path for m in members}])[-2:]
         self.files.keep_only(set().union(*self._recent))  # loaded files no recent prompt uses are dropped
-        groups: dict[str, list[Member]] = {}
+        # what `qrlora fuse` would refuse to fuse (another basis or mask) is applied separately
+        groups: dict[tuple[str, str], list[Member]] = {}
         for m in members:
-            groups.setdefault(m.deltar.basis_id, []).append(m)
-        for basis_id, group in groups.items():
+            groups.setdefault((m.deltar.basis_id, m.deltar.mask), []).append(m)
+        for group in groups.values():
             fused = self._fuse(group, model, plan)
             if fused is not None:
                 plan.groups.append(fused)
         if len(plan.groups) > 1:
-            parts = "; ".join(f"{g.title} (basis {g.basis_id})" for g in plan.groups)
-            plan.say(f"files trained on different bases are applied separately, not fused: {parts}")
+            parts = "; ".join(f"{g.title} (basis {g.basis_id}, mask {g.mask})" for g in plan.groups)
+            plan.say(f"files trained on different bases or masks are applied separately, not fused: {parts}")
         if self.options.hashes_in_infotext:
             for m in members:
                 if any(m.label in g.labels for g in plan.groups):
@@ -115,6 +116,9 @@ class Engine:
         return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet)
 
     def _fuse(self, group: list[Member], model: ModelInfo, plan: Plan) -> FusedGroup | None:
+        group = _fusable(group, plan)
+        if not group:
+            return None
         carrier = next((m for m in group if m.deltar.q), group[0])  # a portable file brings the exact Q
         label = "+".join(f"<qrlora:{m.label}>" for m in group)
         res = self.resolver.resolve(carrier.deltar, label, model.checkpoint, self.options.policy, self.options.threshold)
@@ -142,6 +146,19 @@ def report_plan(p, plan: Plan, options: Options, log: Callable[[str], None]) -> 
         p.qrlora_hashes.update(plan.hashes)
         if p.qrlora_hashes:
             p.extra_generation_params[syntax.INFOTEXT_KEY] = syntax.format_hashes(p.qrlora_hashes)
+
+
+def _fusable(group: list[Member], plan: Plan) -> list[Member]:
+    """The members ``qrlora fuse`` would accept; each one left out (alpha 0) gets a message."""
+    kept: list[Member] = []
+    for m in group:
+        try:
+            core.fusion.check_fusable(f"<qrlora:{m.label}>", m.deltar)
+        except core.fusion.IncompatibleFiles as e:
+            plan.say(f"<qrlora:{m.label}> not applied: {e}")
+            continue
+        kept.append(m)
+    return kept
 
 
 def _layer_problem(d, model: ModelInfo) -> str:

@@ -145,7 +145,11 @@ class Library:
     # ----------------------------------------------------------------- hashes
     def shorthash(self, entry: Entry) -> str:
         """First 12 hex digits of the SHA-256 of the tensor data (kohya's addnet hash, which
-        A1111's Lora uses for ``Lora hashes``); cached per file version."""
+        A1111's Lora uses for ``Lora hashes``): the file's own ``sshs_model_hash`` when it has
+        one (every qrlora writer and the trainer store it), else computed once per file version."""
+        stored = entry.metadata.get(core.checkpoint.MODEL_HASH_KEY, "").lower()
+        if len(stored) == 64 and all(c in "0123456789abcdef" for c in stored):
+            return stored[:12]
         key = (entry.path, entry.mtime_ns, entry.size)
         if key not in self._hashes:
             try:
@@ -153,9 +157,6 @@ class Library:
             except (core.FileFormatError, OSError):
                 self._hashes[key] = ""
         return self._hashes[key]
-
-    def cached_shorthash(self, entry: Entry) -> str:
-        return self._hashes.get((entry.path, entry.mtime_ns, entry.size), "")
 
     def name_for_hash(self, short: str) -> str | None:
         short = (short or "").lower()

@@ -38,7 +38,7 @@ def make_page(ui_extra_networks, engine, shared):
             search = [self.search_terms_from_path(entry.path)] + [t for t, _ in tags[:10]]
             if phrase:
                 search.append(phrase)
-            short = library.cached_shorthash(entry)
+            short = library.shorthash(entry)  # shown on the card's edit view from the first listing
             if short:
                 search.append(short)
             description = self.find_description(path) or entry.metadata.get("modelspec.description") or entry.error or None

@@ -1,8 +1,9 @@
 """From resolved tags to what gets applied: files grouped by basis, fused per layer.
 
 For the files of one basis, every layer gets one ΔR: ``Σᵢ mᵢ·sᵢ·ΔRᵢ`` (mᵢ = the tag's te or
-unet multiplier, sᵢ = alphaᵢ/r), so the host applies ``W + Q·ΔR_fused`` once, whatever the
-number of files. Files on different bases form separate groups, applied one after another.
+unet multiplier, sᵢ = alphaᵢ/r; summed by ``qrlora.fusion``, as ``qrlora fuse`` does), so the host applies ``W + Q·ΔR_fused`` once, whatever the
+number of files. Files that do not fuse (another basis or mask) form separate groups, applied
+one after another.
 Loaded files and fused groups are cached, so changing λ re-fuses small r × in tensors and
 never touches a basis.
 """
@@ -45,6 +46,7 @@ class FusedLayer:
 @dataclass
 class FusedGroup:
     basis_id: str
+    mask: str
     arch: str
     labels: list[str]
     layers: dict[str, FusedLayer]
@@ -97,7 +99,7 @@ class Fuser:
         self.fusions = 0
 
     def fuse(self, members: list[Member], q: dict[str, torch.Tensor]) -> FusedGroup:
-        ident = identity(members[0].deltar.basis_id, members)
+        ident = identity(f"{members[0].deltar.basis_id}/{members[0].deltar.mask}", members)
         cached = self._groups.get(ident)
         if cached is not None:
             self._groups.move_to_end(ident)
@@ -111,23 +113,14 @@ class Fuser:
 
 
 def fuse(members: list[Member], q: dict[str, torch.Tensor], ident: str) -> FusedGroup:
+    """The members' ΔR summed per layer by the core's fusion (same refusals as ``qrlora
+    fuse``); layers that sum to zero (untrained, or λ = 0) are left out."""
     first = members[0].deltar
-    order: list[str] = []
-    for m in members:
-        order.extend(n for n in m.deltar.layers if n not in order)
+    core.fusion.check_compatible([(f"<qrlora:{m.label}>", m.deltar) for m in members])
+    sums = core.fusion.weighted_sum([(m.deltar, m.coefficient) for m in members])
     layers: dict[str, FusedLayer] = {}
-    with torch.no_grad():
-        for name in order:
-            total = None
-            for m in members:
-                dr = m.deltar.layers.get(name)
-                c = m.coefficient(name)
-                if dr is None or c == 0.0:
-                    continue
-                term = dr.to(torch.float32) * c
-                total = term if total is None else total.add_(term)
-            if total is None or not bool(total.any()):
-                continue  # nothing to apply on this layer (untrained or λ = 0)
+    for name, total in sums.items():
+        if bool(total.any()):
             target = next(m.deltar.targets[name] for m in members if name in m.deltar.targets)
             layers[name] = FusedLayer(target, q[name], total)
-    return FusedGroup(first.basis_id, first.arch, [m.label for m in members], layers, ident)
+    return FusedGroup(first.basis_id, first.mask, first.arch, [m.label for m in members], layers, ident)

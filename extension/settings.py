@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-SECTION = ("qrlora", "QR-LoRA")
+# (section id, label, settings category). A1111 v1.7+ and Forge group sections in the settings
+# sidebar by category; a section without one lands under "Uncategorized". The built-in Lora's
+# options join the "Extra Networks" section, which modules/shared_options.py files under the
+# "sd" ("Stable Diffusion") category: ours goes there too.
+SECTION = ("qrlora", "QR-LoRA", "sd")
 
 
 @dataclass(frozen=True)

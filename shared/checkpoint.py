@@ -7,15 +7,18 @@ tensors; tensors are then read one at a time through ``safetensors.safe_open``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import tempfile
+import threading
 from typing import Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import OutputError, UserError
 
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -133,42 +136,128 @@ def read_header(path: str) -> tuple[dict, dict[str, str], int]:
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
     """Full-file SHA-256, the hash A1111 and Forge show (first 10 hex digits) for checkpoints."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+        return _sha256_rest(f, chunk)
 
 
 def tensor_data_sha256(path: str) -> str:
-    """SHA-256 of everything after the header: kohya's ``sshs_model_hash`` / addnet hash."""
+    """SHA-256 of everything after the header: kohya's ``sshs_model_hash`` (the "addnet" hash
+    A1111's Lora shows, first 12 hex digits). Metadata edits do not change it."""
     _, _, offset = read_header(path)
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)
-        while True:
-            block = f.read(1 << 24)
-            if not block:
-                break
-            h.update(block)
+        return _sha256_rest(f)
+
+
+def _sha256_rest(f, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
     return h.hexdigest()
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file to a temporary name beside ``path``, then rename it into place,
-    so a crash never leaves a half-written file under the real name."""
-    from safetensors.torch import save_file
+# The dtype names of the tools' ``--dtype`` options and the trainer's save precision.
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+MODEL_HASH_KEY = "sshs_model_hash"
+_umask_lock = threading.Lock()
+
+
+def _umask() -> int:
+    with _umask_lock:  # the only portable way to read it is to set it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; when the block ends without an exception
+    the file is flushed to disk, given the permissions a new file gets (``0o666 & ~umask``,
+    not the temporary file's 0600: a WebUI running as another user must read it) and renamed
+    into place, so a crash never leaves a half-written file under the real name. Any
+    ``OSError`` becomes an ``OutputError`` naming ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = None
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        tmp = None
+        _fsync_folder(folder)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable where the platform allows opening a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` into ``path`` through ``atomic_output`` (JSON sidecars, indexes, images)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` of the file these tensors make.
+    kohya defines them on the file with only its ``ss_*`` metadata (so user edits do not change
+    them): the SHA-256 of everything after the header (what ``tensor_data_sha256`` reads back
+    from any copy of the file), and the first 8 hex digits of the SHA-256 of bytes
+    0x100000..0x110000 (the old additional-networks hash)."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={k: v for k, v in metadata.items() if k.startswith("ss_")} or None)
+    (n,) = struct.unpack("<Q", data[:8])
+    view = memoryview(data)
+    return {MODEL_HASH_KEY: hashlib.sha256(view[8 + n :]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(view[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None,
+                model_hash: bool = False) -> None:
+    """Write a safetensors file through ``atomic_output``. With ``model_hash`` the metadata
+    also carries ``kohya_hashes``, so a WebUI shows the file's hash without reading it all."""
+    from safetensors.torch import save
+
+    metadata = dict(metadata or {})
+    if model_hash:  # hashes carried over from an input file describe that file, not this one
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+        metadata.update(kohya_hashes(tensors, metadata))
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata or None)
+    write_bytes_atomic(path, canonical_header(data))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with the metadata in sorted key order (safetensors writes it in hash-map
+    order, which changes from process to process), so the same tensors and metadata always give
+    the same file. Same header length, so hashes of fixed byte ranges are unchanged."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # never: only the order changed; keep the file as written rather than fail
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]

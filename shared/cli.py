@@ -8,21 +8,10 @@ import os
 import sys
 import time
 
-import torch
-
 from . import __version__
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class CliError(Exception):
-    pass
-
-
-def default_cache_dir() -> str:
-    """Bases live in ``$QRLORA_CACHE/basis`` (default ``~/.cache/qrlora/basis``)."""
-    root = os.environ.get("QRLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qrlora")
-    return os.path.join(root, "basis")
+from .checkpoint import STORAGE_DTYPES as DTYPES
+from .errors import IncompatibleFiles, UserError
+from .paths import basis_cache_dir as default_cache_dir
 
 
 class ProgressBar:
@@ -45,13 +34,17 @@ class ProgressBar:
 
 
 def _parse_weighted(item: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:λ``; a file whose own name has a colon is taken whole when it exists."""
     path, sep, weight = item.rpartition(":")
-    if sep and path and not os.path.exists(item):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return item, 1.0
+    if not sep or not path or os.path.exists(item) or (len(path) == 1 and weight.startswith(("\\", "/"))):
+        return item, 1.0  # no λ, an existing name with a colon, or a Windows drive letter
+    try:
+        value = float(weight)
+    except ValueError:
+        raise UserError(f"{item}: the λ after the last ':' must be a number, got {weight!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise UserError(f"{item}: the λ after the last ':' must be a finite number, got {weight!r}")
+    return path, value
 
 
 def _basis_for(args, names=None, arch=None):
@@ -62,32 +55,56 @@ def _basis_for(args, names=None, arch=None):
         return load_basis(args.basis)
     if getattr(args, "base", None):
         if not getattr(args, "rank", None):
-            raise CliError("--base needs the rank (from the ΔR file, or --rank)")
+            raise UserError("--base needs the rank (from the ΔR file, or --rank)")
         cache = BasisCache(args.cache or default_cache_dir())
         basis, hit = cache.get_or_compute(args.base, args.rank, names, arch, device=args.device,
                                           progress=ProgressBar("basis"))
         print(f"basis {basis.basis_id} {'from cache' if hit else 'computed'} ({cache.path_for(basis.basis_id)})")
         return basis
-    raise CliError("give the basis: --basis BASIS.safetensors or --base CHECKPOINT.safetensors")
+    raise UserError("give the basis: --basis BASIS.safetensors or --base CHECKPOINT.safetensors")
 
 
-def _q_for(args, d):
-    """Q per layer for a ΔR file, checked against the file's own basis id and sketch."""
-    from .basis import agreement
+def _q_for(args, d, path: str):
+    """Q per layer for the ΔR file ``d`` read from ``path``, checked against the file's own
+    basis id, rank, layers and sketch."""
+    from .basis import check_basis
 
+    limit = args.max_disagreement / 100.0
     if d.q:
         return d.q
     args.rank = d.rank
     basis = _basis_for(args, names=list(d.layers), arch=d.arch)
-    if basis.basis_id != d.basis_id:
-        if d.sketch is None:
-            raise CliError(f"basis {basis.basis_id} is not the file's basis {d.basis_id}, and the file has no sketch to compare")
-        agree = agreement(d.names, d.sketch, basis.q)
-        message = f"basis {basis.basis_id} is not the training basis {d.basis_id}: {agree.describe()}"
-        if agree.missing or agree.max > args.max_disagreement:
-            raise CliError(message + f" (limit --max-disagreement {args.max_disagreement:.2%})")
-        print("warning: " + message, file=sys.stderr)
+    source = args.basis or f"the basis of {args.base}"
+    if basis.rank != d.rank:
+        raise IncompatibleFiles(f"{path} has rank {d.rank} but {source} has rank {basis.rank}; use a rank-{d.rank} basis")
+    missing = [n for n in d.layers if n not in basis.q]
+    if missing:
+        raise IncompatibleFiles(f"{source} lacks {len(missing)} of the {len(d.layers)} layers of {path} (first: {missing[0]})")
+    for n in d.layers:
+        if tuple(basis.q[n].shape) != (d.targets[n].shape[0], d.rank):
+            raise IncompatibleFiles(f"layer {n}: Q in {source} is {tuple(basis.q[n].shape)}, but {path} needs"
+                                    f" ({d.targets[n].shape[0]}, {d.rank})")
+    if basis.basis_id != d.basis_id and d.sketch is None:
+        raise IncompatibleFiles(f"{source} ({basis.basis_id}) is not the basis of {path} ({d.basis_id}), and the file"
+                                " has no sketch to measure the difference")
+    # measured whatever the ids say: a stale or altered basis can carry the right id
+    check = check_basis(d.names, d.sketch, d.basis_id, basis.q, basis.basis_id, limit)
+    if not check.same_id and not check.ok:
+        raise IncompatibleFiles(check.describe() + f" (limit --max-disagreement {args.max_disagreement:g} %)")
+    if not check.same_id:
+        print("warning: " + check.describe(), file=sys.stderr)
     return basis.q
+
+
+def _input_elements(paths) -> int:
+    """About how many numbers a command reads: the inputs' sizes at two bytes a number."""
+    total = 0
+    for p in paths:
+        try:
+            total += os.path.getsize(p) // 2
+        except OSError:
+            pass
+    return total
 
 
 # ----------------------------------------------------------------- commands
@@ -128,7 +145,8 @@ def cmd_fuse(args) -> None:
     fused = fuse(items)
     name = args.name or os.path.splitext(os.path.basename(args.output))[0]
     fused.metadata["qrlora.fused_from"] = json.dumps([[os.path.basename(p), w] for p, _, w in items])
-    deltar.save(fused, args.output, DTYPES[args.dtype], output_name=name)
+    deltar.save(fused, args.output, DTYPES[args.dtype], output_name=name,
+                base_model=fused.metadata.get("ss_sd_model_name", ""))
     print(f"fused {len(items)} files ({', '.join(f'{os.path.basename(p)}×{w:g}' for p, _, w in items)}) -> {args.output}")
 
 
@@ -137,10 +155,12 @@ def cmd_export(args) -> None:
     from .checkpoint import save_atomic
 
     d = deltar.load(args.file)
-    q = _q_for(args, d)
+    q = _q_for(args, d, args.file)
     convert = export.to_kohya if args.to == "kohya" else export.to_diffusers
     tensors, meta = convert(d, q, DTYPES[args.dtype])
-    save_atomic(tensors, args.output, meta)
+    if args.base and not meta.get("ss_sd_model_name") and args.to == "kohya":
+        meta["ss_sd_model_name"] = os.path.basename(args.base)
+    save_atomic(tensors, args.output, meta, model_hash=True)
     print(f"exported {len(d.layers)} layers as a {args.to} LoRA ({len(tensors)} tensors) -> {args.output}")
 
 
@@ -151,11 +171,12 @@ def cmd_import_official(args) -> None:
     arch, layers = read_official(args.file)
     args.rank = next(iter(layers.values()))["delta_r"].shape[0]
     basis = _basis_for(args, names=list(layers), arch=arch)
-    d, report = import_official(args.file, basis, tolerance=args.tolerance)
+    d, report = import_official(args.file, basis, tolerance=args.tolerance, force=args.force)
     name = os.path.splitext(os.path.basename(args.output))[0]
-    deltar.save(d, args.output, DTYPES[args.dtype], output_name=name)
+    deltar.save(d, args.output, DTYPES[args.dtype], output_name=name,
+                base_model=os.path.basename(args.base) if args.base else "")
     print(report.summary())
-    for layer in report.mismatched[:20]:
+    for layer in (report.moved or report.mismatched)[:20]:
         print(f"  {layer.name}: stored Q differs by {layer.q_error:.2%}; ΔW moved {layer.dw_error:.2%}")
     print(f"-> {args.output}")
 
@@ -163,7 +184,7 @@ def cmd_import_official(args) -> None:
 def cmd_similarity(args) -> None:
     from . import similarity
 
-    result = similarity.compare(args.a, args.b)
+    result = similarity.compare(args.a, args.b, q_for=lambda path, d: _q_for(args, d, path))
     print(similarity.format_summary(result))
     if args.json:
         similarity.save_json(result, args.json)
@@ -186,23 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qrlora {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def basis_source(sp, rank=False):
+    def common(sp):
+        sp.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads (default: 1 for small inputs, torch's default for large ones)")
+
+    def basis_source(sp):
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--basis", help="basis file (qrlora basis ...)")
         g.add_argument("--base", help="base checkpoint to compute the basis from (cached)")
         sp.add_argument("--cache", help=f"basis cache folder (default {default_cache_dir()}, i.e. $QRLORA_CACHE/basis)")
         sp.add_argument("--device", default="auto", help="where to compute a basis: auto, cpu, cuda")
-        sp.add_argument("--max-disagreement", type=float, default=0.01,
-                        help="largest measured basis disagreement accepted when the basis id differs (default 1%%)")
+        sp.add_argument("--max-disagreement", type=float, default=1.0, metavar="PERCENT",
+                        help="largest measured basis difference accepted when the basis id differs, in percent"
+                             " (default 1, like the WebUI setting)")
 
     sp = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the original layout")
     sp.add_argument("--arch", choices=["sdxl", "flux"], required=True)
     sp.add_argument("-o", "--output", required=True, help="output folder")
     sp.add_argument("--seed", type=int, default=0)
-    sp.set_defaults(func=cmd_make_tiny)
+    common(sp)
+    sp.set_defaults(func=cmd_make_tiny, inputs=lambda a: [])
 
     sp = sub.add_parser("basis", help="precompute the basis of a checkpoint")
-    sp.add_argument("checkpoint")
+    sp.add_argument("checkpoint", help="single-file base model (.safetensors, SGM SDXL or BFL FLUX layout)")
     sp.add_argument("--arch", choices=["sdxl", "flux"], help="default: detected from the file")
     sp.add_argument("--rank", type=int, required=True)
     sp.add_argument("--targets", nargs="+", help="preset (sdxl-all, sdxl-attn, sdxl-te, flux-official, ...) or patterns")
@@ -210,52 +237,69 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", help="also keep it in this cache folder (and reuse it from there)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="storage dtype of Q (fp32 keeps it exact)")
-    sp.set_defaults(func=cmd_basis)
+    common(sp)
+    sp.set_defaults(func=cmd_basis, inputs=lambda a: [a.checkpoint])
 
     sp = sub.add_parser("fuse", help="fuse ΔR files: FILE[:λ] ... -> one ΔR file")
-    sp.add_argument("files", nargs="+", metavar="FILE[:λ]")
+    sp.add_argument("files", nargs="+", metavar="FILE[:λ]",
+                    help="ΔR files on one basis, each with an optional multiplier λ (default 1), e.g. dog.safetensors:0.8")
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--name", help="output name in the metadata (default: file name)")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp16")
-    sp.set_defaults(func=cmd_fuse)
+    common(sp)
+    sp.set_defaults(func=cmd_fuse, inputs=lambda a: [_parse_weighted(f)[0] for f in a.files])
 
     sp = sub.add_parser("export", help="write a ΔR file as a standard LoRA")
-    sp.add_argument("file")
+    sp.add_argument("file", help="the ΔR file to export")
     sp.add_argument("--to", choices=["kohya", "diffusers"], required=True)
     basis_source(sp)
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp16")
-    sp.set_defaults(func=cmd_export)
+    common(sp)
+    sp.set_defaults(func=cmd_export, inputs=lambda a: [a.file, a.basis or ""])
 
     sp = sub.add_parser("import-official", help="convert an official QR-LoRA file to a ΔR file")
-    sp.add_argument("file")
+    sp.add_argument("file", help="a file saved by the official QR-LoRA code (…lora.q/delta_r/base_r.weight keys)")
     basis_source(sp)
     sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--tolerance", type=float, default=0.02, help="stored-Q difference reported as a mismatch (default 2%%)")
+    sp.add_argument("--tolerance", type=float, default=0.02,
+                    help="largest relative change of a layer's ΔW (and stored-Q difference) accepted (default 0.02)")
+    sp.add_argument("--force", action="store_true", help="write the file even when some layers' ΔW moves more than --tolerance")
     sp.add_argument("--dtype", choices=list(DTYPES), default="fp16")
-    sp.set_defaults(func=cmd_import_official)
+    common(sp)
+    sp.set_defaults(func=cmd_import_official, inputs=lambda a: [a.file, a.basis or ""])
 
     sp = sub.add_parser("similarity", help="per-layer cosine similarity of two adapters")
-    sp.add_argument("a")
-    sp.add_argument("b")
+    sp.add_argument("a", help="first adapter: a ΔR file, a LoRA (kohya or PEFT keys) or an official QR-LoRA file")
+    sp.add_argument("b", help="second adapter, compared layer by layer with the first")
     sp.add_argument("--json", help="write per-layer values and statistics here")
-    sp.add_argument("--plot", help="write a PNG plot here")
-    sp.set_defaults(func=cmd_similarity)
+    sp.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    basis_source(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_similarity, inputs=lambda a: [a.a, a.b, a.basis or ""])
 
     sp = sub.add_parser("inspect", help="describe a ΔR, basis, LoRA, official or checkpoint file")
-    sp.add_argument("file")
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_inspect)
+    sp.add_argument("file", help="any .safetensors file")
+    sp.add_argument("--json", action="store_true", help="print everything as JSON, values in full")
+    common(sp)
+    sp.set_defaults(func=cmd_inspect, inputs=lambda a: [])
     return p
 
 
 def main(argv=None) -> int:
-    from .checkpoint import FileFormatError
+    """Input errors (``UserError``: bad files, arguments, unwritable outputs) are one line and
+    exit 2; anything else keeps its traceback (exit 1), so bugs and out-of-memory stay visible."""
+    import torch
+
+    from .threads import choose_threads
 
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(choose_threads(_input_elements(p for p in args.inputs(args) if p), args.threads or 0))
         args.func(args)
-    except (CliError, FileFormatError, ValueError, RuntimeError) as e:
+    except UserError as e:
         print(f"qrlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -114,7 +114,9 @@ def standard_metadata(d: DeltaR, output_name: str = "", base_model: str = "") ->
 
 
 def save(d: DeltaR, path: str, dtype: torch.dtype = torch.float16, output_name: str = "", base_model: str = "") -> None:
-    """Write atomically. ΔR is stored in ``dtype``; Q (portable files) and the sketch in float32."""
+    """Write atomically, with kohya's ``sshs_model_hash`` in the metadata. ΔR is stored in
+    ``dtype``; Q (portable files) and the sketch in float32. ``base_model`` (the checkpoint's
+    file name) becomes ``ss_sd_model_name``."""
     _check_consistent(d, path)
     tensors: dict[str, torch.Tensor] = {f"{n}.delta_r": apply_mask(t, d.mask).to(dtype) for n, t in d.layers.items()}
     if d.sketch is not None:
@@ -122,6 +124,8 @@ def save(d: DeltaR, path: str, dtype: torch.dtype = torch.float16, output_name: 
     if d.q:
         tensors.update({f"{n}.q": d.q[n].to(torch.float32) for n in d.layers})
     meta = {**standard_metadata(d, output_name, base_model), **d.metadata}
+    if base_model:
+        meta["ss_sd_model_name"] = base_model
     meta.update(
         {
             "qrlora.kind": KIND,
@@ -135,7 +139,7 @@ def save(d: DeltaR, path: str, dtype: torch.dtype = torch.float16, output_name: 
             "qrlora.layers": layers_json([d.targets[n] for n in d.layers]),
         }
     )
-    save_atomic(tensors, path, {k: str(v) for k, v in meta.items()})
+    save_atomic(tensors, path, {k: str(v) for k, v in meta.items()}, model_hash=True)
 
 
 def _num(x: float) -> str:

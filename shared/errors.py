@@ -10,3 +10,13 @@ bugs stay visible.
 class UserError(ValueError):
     """A problem with the user's input or environment, stated in one sentence that names the
     file, key or field and what was expected."""
+
+
+class OutputError(UserError):
+    """An output file or folder cannot be written (permissions, a file where a folder should
+    be, a full disk). The message names the path and the operating system's reason."""
+
+
+class IncompatibleFiles(UserError):
+    """Two inputs that cannot be combined (fused, compared, exported together); the message
+    names both sides and what differs."""

@@ -17,15 +17,18 @@ import torch
 from . import archs
 from .archs import Target
 from .deltar import DeltaR, standard_metadata
+from .errors import IncompatibleFiles, UserError
 
 
 def _require_q(d: DeltaR, q: Mapping[str, torch.Tensor]) -> None:
     missing = [n for n in d.layers if n not in q]
     if missing:
-        raise ValueError(f"the basis lacks {len(missing)} layers of this ΔR file (first: {missing[0]})")
+        raise IncompatibleFiles(f"the basis lacks {len(missing)} of the {len(d.layers)} layers of the ΔR file"
+                                f" on basis {d.basis_id} (first: {missing[0]})")
     for n, dr in d.layers.items():
         if q[n].shape != (d.targets[n].shape[0], d.rank):
-            raise ValueError(f"basis Q of {n} has shape {tuple(q[n].shape)}, expected ({d.targets[n].shape[0]}, {d.rank})")
+            raise IncompatibleFiles(f"layer {n}: the basis has Q of shape {tuple(q[n].shape)}, the rank-{d.rank} ΔR file"
+                                    f" on basis {d.basis_id} needs ({d.targets[n].shape[0]}, {d.rank})")
 
 
 def kohya_state_dict(
@@ -48,7 +51,7 @@ def kohya_state_dict(
     for name in downs:
         target = targets[name]
         if not target.key:
-            raise ValueError(f"layer {name}: the file does not say where it lives in the original layout")
+            raise UserError(f"layer {name}: the file does not say where it lives in the original layout (no key)")
         module, rows, out_f = arch.kohya_module(target)
         modules.setdefault(module, []).append((name, rows))
         full_out[module] = out_f

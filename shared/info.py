@@ -57,14 +57,44 @@ def describe(path: str) -> dict:
         params += sum(f.shape(k)[0] * f.shape(k)[1] for k in ups)
         info.update(kind="lora", modules=len(downs), rank=ranks[0] if len(ranks) == 1 else ranks,
                     alpha=meta.get("ss_network_alpha"), parameters=params,
-                    arch=meta.get("ss_base_model_version", "unknown"))
+                    arch=lora_architecture(meta, f.keys))
     else:
         a = archs.detect(f.keys)
         info.update(kind="checkpoint" if a else "unknown", arch=a.name if a else "unknown", tensors=len(f.keys))
         if a:
             info["linear_targets"] = len(a.linear_targets(f.shapes()))
-    info["metadata"] = {k: (v if len(v) <= 300 else v[:300] + f"… ({len(v)} chars)") for k, v in meta.items()}
+    info["metadata"] = dict(meta)  # in full: --json is for programs; format_info shortens for people
     return info
+
+
+# What kohya's ss_base_model_version and modelspec.architecture name, and the key layouts
+# LoRA writers use for each model family.
+_BASE_VERSIONS = (("sdxl", "sdxl"), ("flux", "flux"), ("sd3", "sd3"), ("v2", "sd2"), ("sd_v1", "sd1"), ("sd1", "sd1"))
+_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("flux", "flux"), ("stable-diffusion-3", "sd3"),
+              ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
+_KEY_LAYOUTS = (
+    (("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks."), "flux"),
+    (("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_", "text_encoder_2."), "sdxl"),
+    (("lora_unet_joint_blocks_",), "sd3"),
+    (("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_te_text_model_"), "sd1 or sd2"),
+)
+
+
+def lora_architecture(metadata: dict[str, str], keys) -> str:
+    """Which model family a LoRA file is for: from kohya's ``ss_base_model_version``, else
+    ``modelspec.architecture``, else the layout of its keys; "unknown" when none says."""
+    version = metadata.get("ss_base_model_version", "").lower()
+    for marker, name in _BASE_VERSIONS:
+        if marker in version:
+            return name
+    spec = metadata.get("modelspec.architecture", "").lower()
+    for marker, name in _MODELSPEC:
+        if spec.startswith(marker):
+            return name
+    for prefixes, name in _KEY_LAYOUTS:
+        if any(k.startswith(prefixes) for k in keys):
+            return name
+    return "unknown"
 
 
 def format_info(info: dict) -> str:
@@ -86,8 +116,9 @@ def format_info(info: dict) -> str:
     if info.get("metadata"):
         lines.append("  metadata:")
         for k in sorted(info["metadata"]):
+            v = info["metadata"][k]
             if k != "qrlora.layers":
-                lines.append(f"    {k}: {info['metadata'][k]}")
+                lines.append(f"    {k}: {v if len(v) <= 300 else v[:300] + f'… ({len(v)} chars; --json shows all)'}")
     return "\n".join(lines)
 
 

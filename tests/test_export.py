@@ -8,6 +8,7 @@ import torch
 from qrlora import archs, deltar
 from qrlora.basis import basis_from_checkpoint
 from qrlora.checkpoint import SafetensorsFile
+from qrlora.errors import IncompatibleFiles
 from qrlora.export import to_diffusers, to_kohya
 from qrlora.tiny.sdxl import UNET_CONFIG, build_components
 from tests.helpers import random_delta_r
@@ -171,5 +172,6 @@ def test_export_refuses_a_basis_without_the_layers(sdxl_file):
     b, d = sdxl_file
     q = dict(b.q)
     q.pop(d.names[3])
-    with pytest.raises(ValueError, match=rf"the basis lacks 1 layers of this ΔR file \(first: {d.names[3]}\)"):
+    with pytest.raises(IncompatibleFiles, match=rf"the basis lacks 1 of the {len(d.names)} layers of the ΔR file on basis "
+                       rf"{d.basis_id} \(first: {d.names[3]}\)"):
         to_kohya(d, q)

@@ -225,3 +225,23 @@ def test_default_lambda_from_settings(host, world):
     host.shared.opts.qrlora_default_multiplier = 0.25
     host.generate("<qrlora:dog>")
     check_applied(host, world, host.original, {"dog": 0.25})
+
+
+def test_files_qrlora_fuse_would_refuse_are_applied_separately_or_left_out(host, world):
+    """The planner groups and refuses as `qrlora fuse` does: a file with another mask is not
+    fused (its own group, still exact), a file with alpha 0 is left out with a message."""
+    plain = write_file(world, "plain", seed=3, alpha=2.0, mask="none")
+    silent = write_file(world, "silent", seed=4, alpha=0.0)
+    try:
+        p = host.generate("<qrlora:dog:0.5> <qrlora:plain:0.75> <qrlora:silent:1>")
+        text = comments(p)
+        assert "applied separately, not fused" in text and "mask none" in text, text
+        assert "<qrlora:silent> not applied: <qrlora:silent> has alpha 0" in text, text
+        check_applied(host, world, host.original, {"dog": 0.5, "plain": 0.75})
+        host.generate("")
+        check_original(host, host.original)
+    finally:
+        for path in (plain, silent):
+            os.remove(path)
+        world.files.pop("plain")
+        world.files.pop("silent")

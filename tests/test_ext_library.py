@@ -100,7 +100,7 @@ def test_card_data(folder):
 def test_fusion_is_linear_with_scales_and_text_encoder_multipliers():
     b, _ = synthetic_basis(shapes=((8, 6), (8, 6)), prefix="unet.blocks")
     tb, _ = synthetic_basis(shapes=((8, 6),), prefix="te1.layers", seed=1)
-    files = [synthetic_file(b, seed=1, alpha=2.0), synthetic_file(b, seed=2, alpha=8.0, mask="none")]
+    files = [synthetic_file(b, seed=1, alpha=2.0), synthetic_file(b, seed=2, alpha=8.0)]
     members = [planner.Member("a", "a", 0, 0, files[0], te=0.0, unet=0.5),
                planner.Member("b", "b", 0, 0, files[1], te=0.0, unet=-1.5)]
     group = planner.fuse(members, b.q, "id")
@@ -113,6 +113,21 @@ def test_fusion_is_linear_with_scales_and_text_encoder_multipliers():
     assert m.coefficient("te1.layers.0.to_q") == 2.0 * te_file.scale
     zero = planner.fuse([planner.Member("t", "t", 0, 0, te_file, te=0.0, unet=1.0)], tb.q, "z")
     assert zero.layers == {}  # nothing to apply: no layer is patched at all
+
+
+def test_planner_fusion_refuses_what_qrlora_fuse_refuses():
+    """One fusion: the planner sums through qrlora.fusion, with its refusals."""
+    from qrlora.fusion import IncompatibleFiles
+
+    b, _ = synthetic_basis(shapes=((8, 6),))
+    triu, none = synthetic_file(b, seed=1), synthetic_file(b, seed=2, mask="none")
+    with pytest.raises(IncompatibleFiles, match=r"cannot fuse <qrlora:a> and <qrlora:b>: different mask \(triu vs none\)"):
+        planner.fuse([planner.Member("a", "a", 0, 0, triu, 1.0, 1.0), planner.Member("b", "b", 0, 0, none, 1.0, 1.0)],
+                     b.q, "x")
+    silent = synthetic_file(b, seed=3)
+    silent.alpha = 0.0
+    with pytest.raises(IncompatibleFiles, match=r"<qrlora:z> has alpha 0"):
+        planner.fuse([planner.Member("z", "z", 0, 0, silent, 1.0, 1.0)], b.q, "y")
 
 
 def test_identity_changes_with_file_version_and_multipliers(basis):

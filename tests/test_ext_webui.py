@@ -11,6 +11,7 @@ import pytest
 
 from qrlora_ext import settings
 from qrlora import deltar
+from qrlora.checkpoint import tensor_data_sha256
 from tests.helpers import synthetic_basis, synthetic_file
 from tests.hosts.harness import ROOT, Host
 
@@ -43,7 +44,8 @@ def test_settings_exist_without_the_ui(host):
 
     for s in settings.SETTINGS:
         info = shared.options_templates[s.key]
-        assert info.section == settings.SECTION and info.default == s.default
+        assert info.section == ("qrlora", "QR-LoRA") and info.default == s.default
+        assert info.category_id == "sd"  # beside Extra Networks in the sidebar, not under "Uncategorized"
         assert getattr(shared.opts, s.key) == s.default  # --nowebui: no settings page was ever built
     assert host.engine.options.policy == "warn" and host.engine.options.threshold == 0.01
     shared.opts.qrlora_mismatch_policy = "nonsense"
@@ -66,6 +68,8 @@ def test_extra_networks_page(host, folder):
     items = page.create_html_items()
     assert sorted(items) == ["dog", "styles/watercolor"]
     dog = items["dog"]
+    # the card's edit view shows "Hash:" from the first listing (A1111 reads item["shorthash"])
+    assert dog["shorthash"] == tensor_data_sha256(str(folder / "QRLoRA" / "dog.safetensors"))[:12]
     assert dog["preview"].endswith("dog.png") and dog["description"] == "my dog"
     assert "dog" in dog["search_terms"] and "grass" in dog["search_terms"]
     assert dog["prompt"] == '"<qrlora:dog:" + opts.qrlora_default_multiplier + ">"'

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Sequence
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Target:
@@ -74,7 +76,7 @@ class Architecture:
         patterns = self.patterns(spec)
         chosen = [t for t in targets if any(_match(p, t.name) for p in patterns)]
         if not chosen:
-            raise ValueError(f"targets {spec!r} match no layer of this {self.title} model")
+            raise UserError(f"targets {spec!r} match no layer of this {self.title} model")
         return chosen
 
     def patterns(self, spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -85,7 +87,7 @@ class Architecture:
             return self.presets[spec]
         if not any(ch in spec for ch in "*?[.") and not spec.startswith("re:"):
             known = ", ".join(sorted(self.presets))
-            raise ValueError(f"unknown {self.title} target preset {spec!r}; presets: {known}; or give patterns")
+            raise UserError(f"unknown {self.title} target preset {spec!r}; presets: {known}; or give patterns")
         return (spec,)
 
 
@@ -113,7 +115,7 @@ def get(name: str) -> Architecture:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise UserError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def names() -> list[str]:

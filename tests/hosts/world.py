@@ -69,7 +69,7 @@ def make_world(root: str, checkpoint: str) -> World:
     for d in (w.qrlora_dir, w.lora_dir):
         os.makedirs(d, exist_ok=True)
     write_file(w, "dog", seed=1, alpha=2.0)
-    write_file(w, "style", seed=2, alpha=4.0, mask="none")
+    write_file(w, "style", seed=2, alpha=4.0)
     export_lora(w, "dog", "dog_lora")
     export_lora(w, "style", "style_lora")
     BasisCache(w.basis_dir)  # the folder is created on first store
