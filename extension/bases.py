@@ -3,10 +3,16 @@
 1. the Q embedded in a portable file;
 2. a basis already in memory or in the basis cache folder under the file's basis id;
 3. computed from the loaded checkpoint's *file on disk* (never from in-memory weights, which
-   may be patched, cast or quantized), cached by checkpoint identity and rank, then checked
-   against the file's basis sketch. When the ids differ the disagreement is measured and the
-   mismatch policy decides: ``warn`` (apply, say so with the figure), ``refuse`` (skip the
-   file), ``apply`` (apply, console note only). Below the threshold it is applied quietly.
+   may be patched, cast or quantized), cached by the checkpoint's contents and the request.
+
+Whatever the source, and even when its id is the file's, the basis is measured against the
+file's basis sketch (2 × r numbers per layer): a stale cache entry, an altered basis file or
+a basis rounded differently under the same id is a mismatch like any other. Then the
+mismatch policy decides: ``warn`` (apply, say so with the figure), ``refuse`` (skip the
+file), ``apply`` (apply, console note only). Below the threshold it is applied quietly.
+
+Computing a basis takes seconds to minutes: ``progress`` (``state_progress`` for the hosts'
+``shared.state``) shows it, and ``precompute`` lets a UI compute it ahead of time.
 """
 
 from __future__ import annotations
@@ -40,17 +46,35 @@ def _covers(q: dict[str, torch.Tensor], d) -> bool:
     return all(n in q and tuple(q[n].shape) == (d.targets[n].shape[0], d.rank) for n in d.layers)
 
 
+Progress = Callable[[int, int, str], None]  # (layers done, layers total, current layer)
+
+
+def state_progress(state) -> Progress:
+    """A progress callback for A1111's and Forge's ``shared.state``: the text under the
+    progress bar and the bar itself (``sampling_step`` of ``sampling_steps``, which the
+    sampler resets when generation starts)."""
+
+    def report(done: int, total: int, layer: str) -> None:
+        state.textinfo = f"QR-LoRA: computing the basis, layer {done}/{total}"
+        state.sampling_steps = total
+        state.sampling_step = done
+
+    return report
+
+
 class BasisResolver:
     def __init__(self, cache_folder: Callable[[], str], device: Callable[[], str] = lambda: "auto",
                  log: Callable[[str], None] = print, status: Callable[[str], None] = lambda s: None,
-                 keep: int = 3):
+                 keep: int = 3, progress: Progress | None = None):
         self._cache_folder = cache_folder
         self._device = device
         self._log = log
         self._status = status
         self._keep = keep
+        self.progress = progress  # the host's progress display, if any (see state_progress)
         self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # basis id -> Q
-        self._candidates: dict[tuple, str] = {}  # (checkpoint identity, rank, layers) -> basis id
+        self._candidates: dict[str, str] = {}  # cache entry key (checkpoint contents, request) -> basis id
+        self._checked: dict[tuple, tuple] = {}  # (file sketch, basis id, limit) -> (Q, BasisCheck)
         self.computations = 0  # how many bases were computed (tests check λ changes cost none)
 
     # ----------------------------------------------------------------- memory
@@ -73,12 +97,22 @@ class BasisResolver:
     # ----------------------------------------------------------------- resolving
     def resolve(self, d, label: str, checkpoint: str | None, policy: str = "warn", threshold: float = 0.01) -> Resolution:
         """The Q to apply ΔR file ``d`` (labelled ``label`` in messages) with."""
-        if d.q and _covers(d.q, d):
-            self.remember(d.basis_id, d.q)
-            return Resolution(d.q, "embedded")
-        q = self._recall(d.basis_id)
-        if q is not None and _covers(q, d):
-            return Resolution(q, "memory")
+        for source, q in self._by_id(d):
+            if q is None or not _covers(q, d):
+                continue
+            check = self._check(d, q, d.basis_id, threshold)
+            if check.ok:
+                self.remember(d.basis_id, q)
+                return Resolution(q, source)
+            self._log(f"{label}: not using the {source} basis: {check.describe()}")
+        return self._from_checkpoint(d, label, checkpoint, policy, threshold)
+
+    def _by_id(self, d):
+        """(source, Q) under the file's basis id, cheapest first; the cache file is read only
+        when the earlier ones are missing or fail their check."""
+        if d.q:
+            yield "embedded", d.q
+        yield "memory", self._recall(d.basis_id)
         cache = self._cache()
         if cache is not None:
             try:
@@ -86,10 +120,20 @@ class BasisResolver:
             except (core.FileFormatError, ValueError, KeyError) as e:
                 self._log(f"ignoring a broken basis file in the cache: {e}")
                 basis = None
-            if basis is not None and _covers(basis.q, d):
-                self.remember(d.basis_id, basis.q)
-                return Resolution(basis.q, "cache")
-        return self._from_checkpoint(d, label, checkpoint, policy, threshold)
+            yield "cache", None if basis is None else basis.q
+
+    def _check(self, d, q, basis_id: str, threshold: float):
+        """``core.basis.check_basis``, remembered per (file sketch, Q) so that generating again
+        costs nothing."""
+        if d.sketch is None:
+            return core.basis.check_basis(d.names, None, d.basis_id, q, basis_id, threshold)
+        key = (core.basis.sketch_digest(d.sketch), tuple(d.names), d.basis_id, basis_id, threshold)
+        seen = self._checked.get(key)
+        if seen is not None and seen[0] is q:
+            return seen[1]
+        check = core.basis.check_basis(d.names, d.sketch, d.basis_id, q, basis_id, threshold)
+        self._checked[key] = (q, check)
+        return check
 
     def _from_checkpoint(self, d, label, checkpoint, policy, threshold) -> Resolution:
         where = f"put its basis file ({d.basis_id}.safetensors) in {self._cache_folder() or 'the basis cache folder'}"
@@ -103,18 +147,22 @@ class BasisResolver:
             candidate_id, q = self._candidate(d, checkpoint)
         except (core.FileFormatError, ValueError, OSError) as e:
             return Resolution(None, "", message=f"{label}: cannot compute the basis from {os.path.basename(checkpoint)}: {e}")
-        if candidate_id == d.basis_id:
+        check = self._check(d, q, candidate_id, threshold)
+        if check.same_id and check.ok:
             return Resolution(q, "computed")
         if d.sketch is None:
             if policy == "apply":
                 return Resolution(q, "computed", None, f"{label}: trained on another basis ({d.basis_id}); applied anyway (no sketch to measure it)")
             return Resolution(None, "", message=f"{label}: trained on basis {d.basis_id}, the loaded checkpoint gives {candidate_id}, and the file has no sketch to compare them; {where}")
-        agree = core.basis.agreement(d.names, d.sketch, q)
+        agree = check.agreement
         if agree.missing:
             return Resolution(None, "", message=f"{label}: {agree.describe()}")
         figure = agree.max
-        text = (f"{label}: trained on basis {d.basis_id} but the loaded checkpoint gives {candidate_id}: "
-                f"{agree.describe()}")
+        if check.same_id:  # the right id, the wrong numbers: a mismatch all the same
+            text = f"{label}: the loaded checkpoint's basis has the training basis's id {d.basis_id} but {agree.describe()}"
+        else:
+            text = (f"{label}: trained on basis {d.basis_id} but the loaded checkpoint gives {candidate_id}: "
+                    f"{agree.describe()}")
         if figure <= threshold:
             self._log(text + f" (within the {threshold:.2%} threshold)")
             return Resolution(q, "computed", figure)
@@ -127,38 +175,51 @@ class BasisResolver:
 
     def _candidate(self, d, checkpoint: str) -> tuple[str, dict[str, torch.Tensor]]:
         """Basis of the loaded checkpoint over ``d``'s layers at ``d``'s rank: memory, disk
-        cache (by the checkpoint file's identity), or a one-time computation."""
-        st = os.stat(checkpoint)
+        cache (by the checkpoint's contents), or a one-time computation."""
         names = tuple(d.names)
-        key = (os.path.realpath(checkpoint), st.st_size, st.st_mtime_ns, d.rank, d.arch, names)
+        spec = _spec_for(d.arch, checkpoint, names)
+        basis, _ = self._basis_of(checkpoint, d.rank, spec, d.arch, len(names))
+        return basis.basis_id, basis.q
+
+    def precompute(self, checkpoint: str, rank: int, targets=None, arch: str | None = None):
+        """Compute (or find in the cache) a checkpoint's basis ahead of time, so the first
+        generation with a new checkpoint does not wait for it (what a UI button calls).
+        Returns (basis, True if it was already cached)."""
+        if not checkpoint.lower().endswith(".safetensors"):
+            raise core.FileFormatError(f"{checkpoint}: a basis is computed from .safetensors checkpoints only")
+        return self._basis_of(checkpoint, rank, targets, arch, None)
+
+    def _basis_of(self, checkpoint: str, rank: int, spec, arch: str | None, count: int | None):
+        key = core.basis.BasisCache.key(checkpoint, rank, spec, arch)  # contents, not path or mtime
         bid = self._candidates.get(key)
         if bid is not None and self._recall(bid) is not None:
-            return bid, self._recall(bid)
+            return _Known(bid, self._recall(bid)), True
         cache = self._cache()
-        spec = _spec_for(d.arch, checkpoint, names)
         if cache is not None:
-            basis = cache.lookup(checkpoint, d.rank, spec, d.arch)
+            basis = cache.lookup(checkpoint, rank, spec, arch)
+            if cache.rejected:
+                self._log(cache.rejected)
             if basis is not None:
                 self._candidates[key] = basis.basis_id
                 self.remember(basis.basis_id, basis.q)
-                return basis.basis_id, basis.q
+                return basis, True
         started = time.perf_counter()
-        self._log(f"computing the rank-{d.rank} basis of {os.path.basename(checkpoint)} "
-                  f"({len(names)} layers; once per checkpoint and rank)")
-        basis = core.basis.basis_from_checkpoint(checkpoint, d.rank, spec, d.arch,
+        self._log(f"computing the rank-{rank} basis of {os.path.basename(checkpoint)} "
+                  f"({count or 'its'} layers; once per checkpoint and rank)")
+        basis = core.basis.basis_from_checkpoint(checkpoint, rank, spec, arch,
                                                  device=self._device(), progress=self._progress())
         self.computations += 1
         basis.source["seconds"] = f"{time.perf_counter() - started:.1f}"
         if cache is not None:
             try:
-                cache.store(basis, checkpoint, spec, d.arch)
-            except OSError as e:
+                cache.store(basis, checkpoint, spec, arch)
+            except (OSError, core.checkpoint.UserError) as e:  # OutputError is a UserError
                 self._log(f"could not write the basis cache: {e}")
         self._log(f"basis {basis.basis_id} computed in {basis.source['seconds']} s")
         self._status("")
         self._candidates[key] = basis.basis_id
         self.remember(basis.basis_id, basis.q)
-        return basis.basis_id, basis.q
+        return basis, False
 
     def _progress(self):
         last = [-1.0]
@@ -167,11 +228,21 @@ class BasisResolver:
             fraction = done / max(1, total)
             text = f"computing basis {done}/{total} layers"
             self._status(f"QR-LoRA: {text}")
+            if self.progress is not None:
+                self.progress(done, total, layer)
             if fraction - last[0] >= 0.1 or done == total:
                 last[0] = fraction
                 self._log(f"{text} ({fraction:.0%})")
 
         return report
+
+
+@dataclass
+class _Known:
+    """A basis already in memory: its id and Q."""
+
+    basis_id: str
+    q: dict[str, torch.Tensor]
 
 
 def _spec_for(arch: str, checkpoint: str, names: tuple[str, ...]):

@@ -371,7 +371,10 @@ class BasisCache:
     def path_for(self, basis_id: str) -> str:
         return os.path.join(self.folder, f"{basis_id}.safetensors")
 
-    def key(self, checkpoint: str, rank: int, targets=None, arch: str | None = None) -> str:
+    @staticmethod
+    def key(checkpoint: str, rank: int, targets=None, arch: str | None = None) -> str:
+        """The entry key of a request: the checkpoint's contents, rank, architecture and the
+        selected layers (reads the header and a few bytes per layer; usable without a folder)."""
         ckpt = SafetensorsFile(checkpoint)
         a, _, chosen = checkpoint_targets(ckpt, targets, arch)
         request = [ENTRY_VERSION, content_fingerprint(ckpt, chosen), rank, a.name, [t.name for t in chosen]]
