@@ -17,9 +17,15 @@ from __future__ import annotations
 import math
 import random
 
+from qrlora.errors import UserError
+
 from .plan import BucketOptions
 
 Size = tuple[int, int]
+
+
+class ImageTooSmall(UserError):
+    """An image that ``bucket_no_upscale`` cannot fit into any bucket (callers add its path)."""
 
 
 def adjusted_min_max(opts: BucketOptions) -> tuple[int, int]:
@@ -126,7 +132,10 @@ def select_bucket(size_wh: Size, opts: BucketOptions, buckets: list[Size]) -> tu
         steps = opts.bucket_reso_steps
         bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
         if bucket[0] == 0 or bucket[1] == 0:
-            raise ValueError(f"image {size_wh} is smaller than bucket_reso_steps={steps} on one side")
+            raise ImageTooSmall(f"{w}x{h} is smaller than bucket_reso_steps = {steps} on one side, and "
+                                "bucket_no_upscale never enlarges an image; remove it, upscale it or lower "
+                                "bucket_reso_steps (kohya does not check this: it stops with a ZeroDivisionError "
+                                "when the height is too small and crops the image to nothing when the width is)")
         return bucket, resized
     if not buckets:
         raise ValueError("no predefined buckets (bucket_no_upscale builds them per image)")

@@ -28,8 +28,10 @@ def dry_run(cfg) -> dict:
     from trainer import setup
     from trainer.data import TrainData
     from trainer.dataset_config import plan_summary
+    from trainer.preflight import preflight
 
     plan = cfg.dataset_plan()
+    checked = preflight(cfg, plan)  # what the run would fail on later: folders, packages, prompts, images
     data = TrainData(plan, cfg.training.seed)
     sched = setup.schedule(cfg, data)
     report = {
@@ -40,7 +42,7 @@ def dry_run(cfg) -> dict:
         "steps_per_epoch": sched.steps_per_epoch,
         "total_steps": sched.total_steps,
         "epochs": sched.epochs,
-        "warnings": list(cfg.warnings) + list(plan.warnings),
+        "warnings": list(cfg.warnings) + list(plan.warnings) + checked,
     }
     targets = setup.header_targets(cfg)
     if targets is not None:

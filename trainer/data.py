@@ -49,15 +49,22 @@ def place_items(plan: DatasetPlan) -> tuple[list[Placement], list[int]]:
     """Every image with a sample count > 0 placed in its bucket, and those counts."""
     placements: list[Placement] = []
     counts: list[int] = []
+    too_small: list[str] = []
     for d, spec in enumerate(plan.datasets):
         predefined = bk.make_buckets(spec.buckets)
         for item, count in zip(spec.items, balanced_repeats(spec.items)):
             if count == 0:
                 continue
             size = tuple(item.size) if item.size is not None else images.image_size(item.path)
-            bucket, resized = bk.select_bucket(size, spec.buckets, predefined)
+            try:
+                bucket, resized = bk.select_bucket(size, spec.buckets, predefined)
+            except bk.ImageTooSmall as e:
+                too_small.append(f"{item.path}: {e}")
+                continue
             placements.append(Placement(item, d, size, bucket, resized))
             counts.append(count)
+    if too_small:  # every such image named at once, so they can all be fixed in one pass
+        raise bk.ImageTooSmall(f"{len(too_small)} image(s) too small for their bucket: " + "; ".join(too_small))
     return placements, counts
 
 

@@ -13,6 +13,11 @@ Differences from kohya (``library/train_util.py`` ``load_image``, ``get_image_si
 
 from __future__ import annotations
 
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
 import torch
 from PIL import Image, ImageOps
 
@@ -66,3 +71,89 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     w, h = img.size
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return data.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------- validation before training
+def decode_problem(path: str) -> str | None:
+    """Why training could not use ``path`` (unreadable, empty, not an image, truncated or
+    damaged), or None. Decodes the whole image exactly as training will (:func:`load_rgb`)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "is empty (0 bytes)"
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    try:
+        image_size(path)
+        load_rgb(path)
+    except Image.UnidentifiedImageError:
+        return "is not an image file PIL can read"
+    except Exception as e:  # noqa: BLE001  PIL's decoders raise many types on damaged data
+        return f"cannot be decoded, the file is truncated or damaged ({type(e).__name__}: {e})"
+    return None
+
+
+class ImageChecks:
+    """Images already decoded without a problem, by (absolute path, size, mtime), in a JSON file,
+    so that re-running a large dataset does not decode every image again. Only a speed-up:
+    anything unreadable in the file means "not checked yet"."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.good: dict[str, list[int]] = {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                if data.get("version") == self.VERSION and data.get("pipeline") == PIPELINE_VERSION:
+                    self.good = {k: list(v) for k, v in data["good"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.good = {}
+
+    @staticmethod
+    def stamp(path: str) -> list[int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns]
+
+    def known_good(self, path: str) -> bool:
+        stamp = self.stamp(path)
+        return stamp is not None and self.good.get(os.path.abspath(path)) == stamp
+
+    def save(self) -> None:
+        """Best effort: a cache that cannot be written costs only time."""
+        if not self.path:
+            return
+        from qrlora.checkpoint import write_bytes_atomic
+        from qrlora.errors import UserError
+
+        data = {"version": self.VERSION, "pipeline": PIPELINE_VERSION, "good": self.good}
+        try:
+            write_bytes_atomic(self.path, json.dumps(data, sort_keys=True).encode("utf-8"))
+        except (OSError, UserError):
+            pass
+
+
+def find_bad_images(paths: Iterable[str], cache_file: str | None = None, workers: int | None = None) -> list[tuple[str, str]]:
+    """``[(path, problem)]`` for every image that cannot be trained on, in the order given; each
+    image is decoded once (in parallel: PIL decodes outside the GIL) unless ``cache_file``
+    says it was decoded before at this size and modification time."""
+    checks = ImageChecks(cache_file)
+    unique = list(dict.fromkeys(paths))
+    todo = [p for p in unique if not checks.known_good(p)]
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        problems = dict(zip(todo, pool.map(decode_problem, todo)))
+    bad = [(p, problems[p]) for p in unique if problems.get(p)]
+    for p in todo:
+        stamp = checks.stamp(p)
+        if problems[p] is None and stamp is not None:
+            checks.good[os.path.abspath(p)] = stamp
+    if todo:
+        checks.save()
+    return bad

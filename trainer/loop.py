@@ -33,6 +33,7 @@ from trainer.captions import tag_frequency
 from trainer.config import Config
 from trainer.data import collate
 from trainer.dataset_config import image_counts, plan_summary
+from trainer.preflight import preflight
 
 
 class TrainingStopped(RuntimeError):
@@ -71,7 +72,8 @@ class Trainer:
         self.is_main = acc.is_main_process
         torch.manual_seed(t.seed)
         self.plan = cfg.dataset_plan()
-        for warning in list(cfg.warnings) + list(self.plan.warnings):
+        checked = preflight(cfg, self.plan)  # before any model is loaded; every rank fails alike
+        for warning in list(cfg.warnings) + list(self.plan.warnings) + checked:
             self.say(f"warning: {warning}")
         self.family, self.models = setup.load_models(cfg, self.device)
         self.inputs = setup.input_record(cfg, self.models)  # what decides the result: printed and saved

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from qrlora.errors import UserError
+
 KOHYA_STEPS, KOHYA_SCALE = 30, 7.5
 
 
@@ -107,7 +109,7 @@ def _from_mapping(item: dict, index: int, where: str) -> SamplePrompt:
     unknown = sorted(set(item) - set(_KOHYA_KEYS) - {"enum", "subset"})
     fields = {_KOHYA_KEYS[k]: v for k, v in item.items() if k in _KOHYA_KEYS}
     if not isinstance(fields.get("prompt"), str):
-        raise ValueError(f"{where}: prompt {index} has no 'prompt' string")
+        raise UserError(f"{where}: prompt {index} has no 'prompt' string")
     sample = SamplePrompt(index=index, **fields)
     sample.unknown.extend(unknown)
     if sample.steps is not None:
@@ -118,18 +120,26 @@ def _from_mapping(item: dict, index: int, where: str) -> SamplePrompt:
 def load_prompts(path: str) -> list[SamplePrompt]:
     """Prompts from a kohya ``.txt``, ``.toml`` or ``.json`` prompt file."""
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM from a Windows editor is not text
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
     if ext == ".toml":
-        import toml
+        from trainer.tomlfile import parse_toml
 
-        data = toml.loads(text).get("prompt", {})
+        data = parse_toml(text, path).get("prompt", {})
+        if not isinstance(data, dict) or not isinstance(data.get("subset", []), list):
+            raise UserError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")
         base = {k: v for k, v in data.items() if k != "subset"}
-        items: Iterable = [dict(base, **sub) for sub in data.get("subset", [])]
+        items: Iterable = [dict(base, **sub) for sub in data.get("subset", []) if isinstance(sub, dict)]
     elif ext == ".json":
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{path}: invalid JSON ({e})") from None
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
+            raise UserError(f"{path}: expected a JSON list of prompts")
     else:
         return parse_prompt_text(text)
     out = []
@@ -139,5 +149,5 @@ def load_prompts(path: str) -> list[SamplePrompt]:
         elif isinstance(item, dict):
             out.append(_from_mapping(item, i, path))
         else:
-            raise ValueError(f"{path}: prompt {i} is neither a string nor a table")
+            raise UserError(f"{path}: prompt {i} is neither a string nor a table")
     return out
