@@ -154,6 +154,10 @@ def setup():
             state.textinfo = text or None
 
     engine = Engine(opts, lambda: [qrlora_dir()], basis_dir, log=log, status=status)
+    if getattr(shared, "state", None) is not None:  # the progress bar while a basis is computed
+        from .bases import state_progress
+
+        engine.resolver.progress = state_progress(shared.state)
     try:
         os.makedirs(qrlora_dir(), exist_ok=True)  # where users drop their files, as Lora does for models/Lora
     except OSError as e:

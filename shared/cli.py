@@ -70,7 +70,10 @@ def _q_for(args, d, path: str):
     from .basis import check_basis
 
     limit = args.max_disagreement / 100.0
-    if d.q:
+    if d.q:  # embedded: measured against the file's own sketch all the same (a matching id is no proof)
+        check = check_basis(d.names, d.sketch, d.basis_id, d.q, d.basis_id, limit)
+        if not check.ok:
+            raise IncompatibleFiles(f"{path}: the embedded {check.describe()} (limit --max-disagreement {args.max_disagreement:g} %)")
         return d.q
     args.rank = d.rank
     basis = _basis_for(args, names=list(d.layers), arch=d.arch)
@@ -89,7 +92,7 @@ def _q_for(args, d, path: str):
                                 " has no sketch to measure the difference")
     # measured whatever the ids say: a stale or altered basis can carry the right id
     check = check_basis(d.names, d.sketch, d.basis_id, basis.q, basis.basis_id, limit)
-    if not check.same_id and not check.ok:
+    if not check.ok:
         raise IncompatibleFiles(check.describe() + f" (limit --max-disagreement {args.max_disagreement:g} %)")
     if not check.same_id:
         print("warning: " + check.describe(), file=sys.stderr)
