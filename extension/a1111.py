@@ -21,6 +21,7 @@ Verified against A1111 v1.10 ``extensions-builtin/Lora`` (``networks.py``, ``net
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -90,7 +91,8 @@ class A1111Adapter:
         self.shared = shared
         self.log = log
         self.current: list = []  # our Network objects for the current pass
-        self._built: OrderedDict = OrderedDict()  # (identity, model) -> Network
+        self._built: OrderedDict = OrderedDict()  # (identity, layer mapping) -> Network, current model only
+        self._model = None  # weak reference to the model the networks were built on
         self.module_type = make_module_type(network)
 
     # ----------------------------------------------------------------- install
@@ -118,6 +120,7 @@ class A1111Adapter:
             nets.load_networks = nets.load_networks._qrlora_original
         nets.module_types[:] = [t for t in nets.module_types if not getattr(t, "qrlora_type", False)]
         self.current = []
+        self._built.clear()
         self.sync()
 
     def sync(self) -> None:
@@ -177,7 +180,12 @@ class A1111Adapter:
         return ModelInfo(arch, checkpoint, layer_shape, kinds[0][3:].upper() if kinds else "")
 
     def _network(self, group, sd_model):
-        key = (group.identity, id(sd_model), id(self._mapping(sd_model)))
+        # Networks hold the model's modules: on a model change drop them all, so the old
+        # checkpoint is freed (ids alone could also be reused by a new model).
+        if self._model is None or self._model() is not sd_model:
+            self._built.clear()
+            self._model = weakref.ref(sd_model)
+        key = (group.identity, id(self._mapping(sd_model)))
         net = self._built.get(key)
         if net is None:
             net = self._build(group, self._mapping(sd_model))

@@ -28,6 +28,7 @@ Verified against lllyasviel/stable-diffusion-webui-forge (``dfdcbab``):
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -45,13 +46,14 @@ class ForgeAdapter:
         self.dynamic_args = dynamic_args if dynamic_args is not None else {}
         self.log = log
         self._patches: OrderedDict = OrderedDict()  # group identity -> {"unet": {...}, "clip": {...}}
-        self._shapes: dict = {}  # id(patcher model) -> {parameter name: shape or UNKNOWN}
+        self._shapes: dict = {}  # id(patcher model) -> (weakref to it, {parameter name: shape or UNKNOWN})
 
     def install(self) -> None:
         pass
 
     def uninstall(self) -> None:
-        pass
+        self._patches.clear()
+        self._shapes.clear()
 
     # ----------------------------------------------------------------- activation
     def activate(self, p, params_list) -> None:
@@ -152,15 +154,17 @@ class ForgeAdapter:
         return ModelInfo(arch, checkpoint, layer_shape, repo or type(sd_model).__name__)
 
     def _shapes_of(self, patcher) -> dict:
+        """Parameter shapes of the patcher's model, for the current model only: kept beside a
+        weak reference, so a model change frees the old checkpoint and starts afresh."""
         model = patcher.model
-        shapes = self._shapes.get(id(model))
-        if shapes is None or shapes.get("__model__") is not model:
-            shapes = {"__model__": model}
+        held = self._shapes.get(id(model))
+        if held is None or held[0]() is not model:
+            shapes = {}
             for name, param in model.named_parameters():
                 # packed 4-bit / raw GGUF storage: the layer exists, its shape is not readable here
                 plain = param.dtype.is_floating_point and len(param.shape) == 2
                 shapes[name] = tuple(param.shape) if plain else UNKNOWN
-            self._shapes[id(model)] = shapes
-            while len(self._shapes) > 4:
-                self._shapes.pop(next(iter(self._shapes)))
-        return shapes
+            held = (weakref.ref(model), shapes)
+            self._shapes = {k: v for k, v in self._shapes.items() if v[0]() is not None}  # models still alive
+            self._shapes[id(model)] = held
+        return held[1]

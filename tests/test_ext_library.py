@@ -137,3 +137,27 @@ def test_identity_changes_with_file_version_and_multipliers(basis):
     assert planner.identity(d.basis_id, [planner.Member("a", "/x/a.safetensors", 2, 10, d, 1.0, 1.0)]) != base
     assert planner.identity(d.basis_id, [planner.Member("a", "/x/a.safetensors", 1, 10, d, 0.5, 1.0)]) != base
     assert planner.identity(d.basis_id, [planner.Member("b", "/x/a.safetensors", 1, 10, d, 1.0, 1.0)]) == base
+
+
+def test_forge_shape_cache_never_keeps_an_old_model_alive():
+    """Host-side caches are per model: after a model change the old checkpoint's modules can
+    be freed (the shape cache held the model itself for the last four models)."""
+    import gc
+    import weakref
+
+    from qrlora_ext.forge import ForgeAdapter
+
+    class Patcher:
+        def __init__(self, model):
+            self.model = model
+
+    adapter = ForgeAdapter(engine=None, shared=None)
+    old = torch.nn.Linear(4, 3)
+    assert adapter._shapes_of(Patcher(old))["weight"] == (3, 4)
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None
+    new = torch.nn.Linear(5, 2)
+    assert adapter._shapes_of(Patcher(new))["weight"] == (2, 5)
+    assert len(adapter._shapes) == 1
