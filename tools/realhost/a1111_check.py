@@ -1,0 +1,556 @@
+"""Check the extension in a real Automatic1111 WebUI with its UI, on a CPU, offline.
+
+    /tmp/realhost/work/check-venv/bin/python tools/realhost/a1111_check.py \\
+        --webui /tmp/realhost/a1111 --work /tmp/realhost/work --screenshots docs/img
+
+Needs what ``a1111_setup.py`` prepared (the WebUI's venv, the tiny SDXL, ``models/QRLoRA/dog``,
+``models/Lora/exported``) and runs under the setup's check venv (Playwright + Pillow), driving
+Debian's chromium. It starts the WebUI with its UI (``--api`` added, for pixel comparisons)
+on 127.0.0.1 with a fresh settings file and an empty basis cache, runs every check, stops the
+WebUI, and writes ``WORK/run/results.json`` and ``results.md``. Exit status 0 when every check
+passed, 1 otherwise.
+
+The checks (each recorded pass/fail with its evidence):
+- card: the QR-LoRA card of Extra Networks inserts ``<qrlora:dog:1>`` into the prompt;
+- editor: the card's metadata editor shows a non-empty "Hash:" before any generation, and
+  saves a per-card default λ (``dog.json``; the card then inserts that λ);
+- settings: the QR-LoRA section sits under a named category, not "Uncategorized", and saves;
+- generate: ``<qrlora:dog:1>`` from the UI changes the image and the infotext has "QR-LoRA hashes";
+- paste: pasting that infotext restores the tag; pasted with a renamed file's name, the
+  hash points the tag at the file;
+- restore: through the API, tagged then untagged is bit-identical to the first untagged image,
+  and ``<qrlora:dog:1>`` is bit-identical to the exported ``<lora:exported:1>``;
+- progress: the console's basis progress advances evenly;
+- cli-cache: ``qrlora import-official --base CKPT`` then ``qrlora export --base CKPT`` computes
+  the basis once;
+- cli-metadata: ``import-official`` and ``fuse`` outputs carry ``ss_sd_model_name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+
+from PIL import Image, ImageChops, ImageStat
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPT = "a photo of a dog"
+GEN = {"seed": 1234, "steps": 2, "width": 64, "height": 64, "cfg_scale": 7, "sampler_name": "Euler"}
+TAG = "<qrlora:dog:1>"
+CARD_WEIGHT = 0.7
+SETTING_WEIGHT = 0.9
+
+
+class Results:
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def record(self, check: str, ok: bool, evidence: str) -> bool:
+        self.rows.append({"check": check, "ok": bool(ok), "evidence": evidence})
+        print(f"[check] {'PASS' if ok else 'FAIL'} {check}: {evidence}", flush=True)
+        return ok
+
+    def guarded(self, check: str, fn) -> None:
+        """Run one check; an exception is that check's failure, with its message as evidence."""
+        try:
+            fn()
+        except Exception as e:  # a failed step must not hide the others
+            self.record(check, False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+
+
+# ------------------------------------------------------------------ the WebUI process
+class WebUI:
+    def __init__(self, webui: str, work: str, port: int):
+        self.webui, self.work, self.port = webui, work, port
+        self.run_dir = os.path.join(work, "run")
+        self.log_path = os.path.join(self.run_dir, "webui.log")
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def fresh_state(self) -> None:
+        """A fresh settings file (live previews off: they would fetch an approximation model) and
+        an empty basis cache, so the first tag computes the basis from the checkpoint on disk."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump({"live_previews_enable": False, "show_progress_every_n_steps": -1}, f)
+        shutil.rmtree(os.path.join(self.webui, "models", "QRLoRA", "basis"), ignore_errors=True)
+        for leftover in ("QRLoRA/dog.json", "QRLoRA/dog.safetensors", "Lora/exported.safetensors"):
+            path = os.path.join(self.webui, "models", leftover)
+            if os.path.exists(path):
+                os.remove(path)
+
+    def write_files(self, python: str) -> None:
+        """With this project's code of the day: the basis of the tiny SDXL (rank 4, outside the
+        WebUI's cache), ``models/QRLoRA/dog`` (random ΔR, seed 0) and the same adapter exported
+        as ``models/Lora/exported``."""
+        checkpoint = os.path.join(self.webui, "models", "Stable-diffusion", "tiny-sdxl.safetensors")
+        basis = os.path.join(self.run_dir, "basis.safetensors")
+        dog = os.path.join(self.webui, "models", "QRLoRA", "dog.safetensors")
+        exported = os.path.join(self.webui, "models", "Lora", "exported.safetensors")
+        for cmd in (["-m", "qrlora", "basis", checkpoint, "--rank", "4", "-o", basis],
+                    [os.path.join(PROJECT, "examples", "make_example_delta_r.py"), basis, dog, "--scale", "0.1"],
+                    ["-m", "qrlora", "export", dog, "--to", "kohya", "--basis", basis, "--dtype", "fp32",
+                     "-o", exported]):
+            done = subprocess.run([python, *cmd], cwd=PROJECT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-500:]}")
+        print(f"[check] wrote {dog} and {exported} on {basis}", flush=True)
+
+    def start(self) -> float:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(self.work, "hf"))
+        cmd = [os.path.join(self.work, "venv", "bin", "python"), "launch.py", "--skip-prepare-environment",
+               "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
+               "--ckpt", "models/Stable-diffusion/tiny-sdxl.safetensors", "--use-cpu", "all", "--no-half",
+               "--precision", "full", "--disable-nan-check", "--api", "--port", str(self.port),
+               "--ui-settings-file", os.path.join(self.run_dir, "config.json")]
+        print("[check] $ " + " ".join(cmd), flush=True)
+        started = time.perf_counter()
+        log = open(self.log_path, "w")
+        # its own session, so that stop() can end the WebUI and only it
+        self.proc = subprocess.Popen(cmd, cwd=self.webui, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; see {self.log_path}")
+            if "Model loaded in" in self.console() and "Running on local URL" in self.console():
+                try:
+                    self.get("/sdapi/v1/sd-models")
+                    return time.perf_counter() - started
+                except OSError:
+                    pass
+            time.sleep(1)
+        raise RuntimeError(f"the WebUI did not start in 600 s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def console(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.load(r)
+
+    def post(self, path: str, payload: dict):
+        request = urllib.request.Request(self.url + path, json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as r:
+            return json.load(r)
+
+    def txt2img(self, prompt: str) -> tuple[Image.Image, str, float]:
+        started = time.perf_counter()
+        r = self.post("/sdapi/v1/txt2img", {"prompt": prompt, **GEN})
+        image = Image.open(io.BytesIO(base64.b64decode(r["images"][0]))).convert("RGB")
+        return image, json.loads(r["info"])["infotexts"][0], time.perf_counter() - started
+
+
+def pixel_difference(a: Image.Image, b: Image.Image) -> tuple[int, float]:
+    """(max, mean) absolute difference over all pixel values; (0, 0.0) is bit-identical."""
+    diff = ImageChops.difference(a, b)
+    peak = max(high for _, high in diff.getextrema())
+    return peak, sum(ImageStat.Stat(diff).mean) / len(diff.getbands())
+
+
+def safetensors_metadata(path: str) -> dict:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)).get("__metadata__", {})
+
+
+# ------------------------------------------------------------------ the UI, through a browser
+def shrink_png(path: str, limit: int = 150_000) -> int:
+    """Keep a screenshot under ``limit`` bytes (the repository's rule for docs/img): 256 colours,
+    then halve until it fits."""
+    image = Image.open(path).convert("RGB")
+    while True:
+        image.quantize(256).save(path, optimize=True)
+        if os.path.getsize(path) <= limit or image.width < 200:
+            return os.path.getsize(path)
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+
+
+def exact(text: str):
+    """A has_text pattern for an element whose whole text is ``text`` (Gradio pads with whitespace)."""
+    return re.compile(rf"^\s*{re.escape(text)}\s*$")
+
+
+class UI:
+    def __init__(self, page, webui: WebUI, results: Results, shots: str | None):
+        self.page, self.webui, self.results, self.shots = page, webui, results, shots
+        self.infotext = ""
+
+    def screenshot(self, locator, name: str) -> str:
+        if not self.shots:
+            return ""
+        os.makedirs(self.shots, exist_ok=True)
+        path = os.path.join(self.shots, name)
+        locator.screenshot(path=path)
+        return f"{name} ({shrink_png(path) // 1000} KB)"
+
+    def prompt(self) -> str:
+        return self.page.input_value("#txt2img_prompt textarea")
+
+    def set_prompt(self, text: str) -> None:
+        self.page.fill("#txt2img_prompt textarea", text)
+
+    def top_tab(self, name: str) -> None:
+        self.page.locator("#tabs > div > button", has_text=exact(name)).click()
+
+    def open_cards(self):
+        self.top_tab("txt2img")
+        self.page.locator("#txt2img_extra_tabs > div > button", has_text=exact("QR-LoRA")).click()
+        card = self.page.locator('#txt2img_qr-lora_cards .card[data-name="dog"]')
+        card.wait_for(timeout=60_000)
+        return card
+
+    def check_card(self) -> None:
+        card = self.open_cards()
+        self.set_prompt("")
+        card.locator(".name").click()
+        prompt = self.prompt()
+        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-page.png")
+        self.results.record("card", TAG in prompt, f"prompt after clicking the card: {prompt!r}; screenshot {shot}")
+        self.set_prompt("")
+
+    def check_editor(self) -> None:
+        card = self.open_cards()
+        card.hover()
+        card.locator(".edit-button").click()
+        editor = self.page.locator("#txt2img_qr-lora_edit_user_metadata")
+        editor.wait_for(state="visible", timeout=60_000)
+        self.page.wait_for_function("() => /Hash:/.test(gradioApp().querySelector("
+                                    "'#txt2img_qr-lora_edit_user_metadata').innerText)", timeout=60_000)
+        text = editor.inner_text()
+        shot = self.screenshot(editor, "a1111-card-editor.png")
+        shown = re.search(r"Hash:[ \t]*([^\n]*)", text)
+        shown_hash = shown.group(1).strip() if shown else ""
+        self.results.record("editor-hash", bool(re.fullmatch(r"[0-9a-f]{8,}", shown_hash)),
+                            f"'Hash:' in the editor on first opening, before any generation: {shown_hash!r}; "
+                            f"screenshot {shot}")
+        slider = editor.locator(".gradio-slider", has_text="Default λ for this card").locator("input[type=number]")
+        slider.fill(str(CARD_WEIGHT))
+        slider.press("Enter")
+        editor.get_by_role("button", name="Save").click()
+        saved = os.path.join(self.webui.webui, "models", "QRLoRA", "dog.json")
+        weight = None
+        for _ in range(60):
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    weight = json.load(f).get("preferred weight")
+                if weight is not None:
+                    break
+            time.sleep(0.5)
+        self.page.keyboard.press("Escape")
+        self.set_prompt("")
+        self.page.wait_for_timeout(1000)
+        card = self.open_cards()
+        card.locator(".name").click()
+        prompt = self.prompt()
+        self.results.record("editor-save", weight == CARD_WEIGHT and f"<qrlora:dog:{CARD_WEIGHT}>" in prompt,
+                            f"dog.json 'preferred weight' = {weight}; the card then inserts {prompt.strip()!r}")
+        self.set_prompt("")
+
+    def check_settings(self) -> None:
+        self.top_tab("Settings")
+        self.page.locator("#settings > div > button", has_text=exact("QR-LoRA")).wait_for(timeout=60_000)
+        self.page.wait_for_function("() => gradioApp().querySelector('#settings .settings-category')", timeout=60_000)
+        category = self.page.evaluate("""() => {
+            let category = null;
+            for (const el of gradioApp().querySelectorAll('#settings > div > *')) {
+                if (el.classList.contains('settings-category')) category = el.textContent.trim();
+                else if (el.textContent.trim() === 'QR-LoRA') return category;
+            }
+            return 'not found';
+        }""")
+        self.page.locator("#settings > div > button", has_text=exact("QR-LoRA")).click()
+        section = self.page.locator("#settings_qrlora")
+        section.wait_for(state="visible", timeout=30_000)
+        shot = self.screenshot(self.page.locator("#tab_settings"), "a1111-settings.png")
+        self.results.record("settings-category", category not in (None, "Uncategorized", "not found"),
+                            f"the QR-LoRA section's heading in the settings sidebar: {category!r}; screenshot {shot}")
+        before = self.webui.get("/sdapi/v1/options").get("qrlora_default_multiplier")
+        field = self.page.locator("#setting_qrlora_default_multiplier input[type=number]")
+        field.fill(str(SETTING_WEIGHT))
+        field.press("Enter")
+        self.page.click("#settings_submit")
+        self.page.wait_for_function("() => /settings changed|Nothing/.test(gradioApp().querySelector("
+                                    "'#settings_result').innerText)", timeout=60_000)
+        result = self.page.inner_text("#settings_result").strip()
+        with open(os.path.join(self.webui.run_dir, "config.json"), encoding="utf-8") as f:
+            stored = json.load(f).get("qrlora_default_multiplier")
+        api = self.webui.get("/sdapi/v1/options").get("qrlora_default_multiplier")
+        changed = re.match(r"\d+ settings changed", result)
+        self.results.record("settings-save", before != SETTING_WEIGHT and stored == api == SETTING_WEIGHT,
+                            f"default λ {before} -> {SETTING_WEIGHT} with Apply settings: "
+                            f"{changed.group(0) if changed else result[:80]!r}; config.json has {stored}, "
+                            f"/sdapi/v1/options {api}")
+
+    def generate(self, prompt: str) -> tuple[Image.Image, str, float]:
+        self.top_tab("txt2img")
+        page = self.page
+        page.locator("#txt2img_extra_tabs > div > button", has_text=exact("Generation")).click()
+        self.set_prompt(prompt)
+        for field, value in (("width", GEN["width"]), ("height", GEN["height"]), ("steps", GEN["steps"]),
+                             ("cfg_scale", GEN["cfg_scale"])):
+            box = page.locator(f"#txt2img_{field} input[type=number]")
+            box.fill(str(value))
+            box.press("Tab")
+        page.fill("#txt2img_seed input", str(GEN["seed"]))
+        page.locator("#txt2img_seed input").press("Tab")
+        before = page.inner_text("#html_info_txt2img")
+        started = time.perf_counter()
+        page.click("#txt2img_generate")
+        page.wait_for_function("(before) => { const t = gradioApp().querySelector('#html_info_txt2img').innerText;"
+                               " return t !== before && /Steps:/.test(t); }", arg=before, timeout=600_000)
+        seconds = time.perf_counter() - started
+        info = page.inner_text("#html_info_txt2img").strip()
+        src = page.locator("#txt2img_gallery img").first.get_attribute("src")
+        data = page.request.get(src if src.startswith("http") else self.webui.url + "/" + src.lstrip("/")).body()
+        return Image.open(io.BytesIO(data)).convert("RGB"), info, seconds
+
+    def check_generation(self) -> None:
+        plain, _, t_plain = self.generate(PROMPT)
+        tagged, info, t_tagged = self.generate(f"{PROMPT} {TAG}")
+        self.infotext = info
+        peak, mean = pixel_difference(plain, tagged)
+        hashes = re.search(r'QR-LoRA hashes: "[^"]*"', info)
+        self.results.record("generate", peak > 0 and hashes is not None,
+                            f"UI, {GEN['steps']} steps {GEN['width']}x{GEN['height']} seed {GEN['seed']}: "
+                            f"untagged {t_plain:.1f} s, tagged {t_tagged:.1f} s (the first tag: it computes the basis); "
+                            f"image differs (max {peak}, mean {mean:.1f}); infotext "
+                            f"{hashes.group(0) if hashes else 'has no QR-LoRA hashes'}")
+
+    def paste(self, infotext: str) -> str:
+        self.top_tab("txt2img")
+        self.set_prompt(infotext)
+        self.page.locator("#txt2img_steps input[type=number]").fill("20")
+        self.page.click("#paste")
+        self.page.wait_for_function("(text) => gradioApp().querySelector('#txt2img_prompt textarea').value !== text",
+                                    arg=infotext, timeout=60_000)
+        self.page.wait_for_timeout(1000)
+        return self.prompt()
+
+    def check_paste(self) -> None:
+        if "QR-LoRA hashes" not in self.infotext:
+            raise RuntimeError("no infotext with QR-LoRA hashes from the generation step")
+        restored = self.paste(self.infotext)
+        steps = self.page.input_value("#txt2img_steps input[type=number]")
+        self.results.record("paste", restored.strip() == f"{PROMPT} {TAG}" and steps == str(GEN["steps"]),
+                            f"prompt {restored!r}, steps {steps} after pasting the infotext")
+        renamed = self.infotext.replace(TAG, "<qrlora:olddog:1>")
+        renamed = re.sub(r'(QR-LoRA hashes: "[^"]*?)\bdog:', r"\1olddog:", renamed)
+        restored = self.paste(renamed)
+        self.results.record("paste-renamed", TAG in restored and "olddog" not in restored,
+                            f"infotext naming 'olddog' with dog's hash pastes as {restored!r}")
+        self.set_prompt("")
+
+    def check_card_folders(self) -> None:
+        """After the basis was computed into models/QRLoRA/basis, the refreshed card page offers
+        only folders of ΔR files, not the basis cache."""
+        self.open_cards()
+        self.page.locator("#txt2img_qr-lora_extra_refresh:visible").click()
+        self.page.wait_for_timeout(3000)
+        folders = [t.strip() for t in self.page.locator("#txt2img_qr-lora_dirs button").all_inner_texts()]
+        cards = self.page.locator("#txt2img_qr-lora_cards .card").evaluate_all("els => els.map(e => e.dataset.name)")
+        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-folders.png")
+        self.results.record("card-folders", not any("basis" in f for f in folders) and cards == ["dog"],
+                            f"after the basis was cached, refreshed page: folder buttons {folders}, "
+                            f"cards {cards}; screenshot {shot}")
+
+
+# ------------------------------------------------------------------ API, console and CLI
+def check_restore(webui: WebUI, results: Results) -> None:
+    first, _, t1 = webui.txt2img(PROMPT)
+    tagged, info, t2 = webui.txt2img(f"{PROMPT} {TAG}")
+    exported, _, t3 = webui.txt2img(f"{PROMPT} <lora:exported:1>")
+    after, _, t4 = webui.txt2img(PROMPT)
+    changed, _ = pixel_difference(first, tagged)
+    same_as_lora, _ = pixel_difference(tagged, exported)
+    restored, _ = pixel_difference(first, after)
+    results.record("restore", changed > 0 and restored == 0,
+                   f"API: untagged, {TAG}, untagged again: the tag changes the image (max {changed}), "
+                   f"removing it gives max difference {restored} to the first image "
+                   f"({t1:.1f}/{t2:.1f}/{t4:.1f} s)")
+    results.record("export-equal", same_as_lora == 0,
+                   f"API: {TAG} vs <lora:exported:1>: max difference {same_as_lora} ({t3:.1f} s)")
+
+
+def check_progress(webui: WebUI, results: Results) -> None:
+    """The console's basis progress lines ("computing basis D/N layers") advance evenly: no
+    step between reports (or from the start, or to the end) is over a quarter of the layers."""
+    steps = [(int(d), int(n)) for d, n in re.findall(r"computing basis (\d+)/(\d+) layers", webui.console())]
+    lines = [line.strip() for line in webui.console().splitlines() if "QR-LoRA" in line and "basis" in line]
+    if not steps:
+        results.record("progress", False, "no basis progress in the console: " + " | ".join(lines[:6]))
+        return
+    total = steps[-1][1]
+    done = [0] + [d for d, _ in steps]
+    jumps = [b - a for a, b in zip(done, done[1:])]
+    even = done[-1] == total and max(jumps) <= total / 4 and all(j >= 0 for j in jumps)
+    computed = re.findall(r"basis (\S+) computed in ([\d.]+) s", webui.console())
+    results.record("progress", even, f"console progress {', '.join(f'{d}/{n}' for d, n in steps)}"
+                   f" (largest step {max(jumps)} of {total}); "
+                   + "; ".join(f"{bid} computed in {sec} s" for bid, sec in computed))
+
+
+# the WebUI's own complaint about a symlinked checkout without an 'origin' remote
+KNOWN_CONSOLE_ERRORS = ("Failed reading extension data from Git repository (qrlora)",)
+
+
+def check_console(webui: WebUI, results: Results) -> None:
+    """No error block in the WebUI's console ("*** ..." or a traceback) other than the known one."""
+    lines = webui.console().splitlines()
+    errors = [line.strip() for line in lines if line.startswith("*** ") or line.startswith("Traceback")]
+    unknown = [e for e in errors if not any(k in e for k in KNOWN_CONSOLE_ERRORS)]
+    tracebacks = sum(1 for line in lines if "Traceback (most recent call last)" in line)
+    results.record("console", not unknown and tracebacks <= len(errors) - len(unknown),
+                   f"error blocks in the WebUI console: {errors or 'none'}"
+                   + (f"; not expected: {unknown}" if unknown else ""))
+
+
+def run_qrlora(python: str, args: list[str], log: list[str]) -> tuple[str, float]:
+    started = time.perf_counter()
+    done = subprocess.run([python, "-m", "qrlora", *args], capture_output=True, text=True, cwd=PROJECT)
+    seconds = time.perf_counter() - started
+    output = (done.stdout + done.stderr).replace("\r", "\n")
+    # the progress bar's redraws, once per layer, are kept as their last state only
+    bars = [line for line in output.splitlines() if line.startswith("basis [")]
+    shown = "\n".join(line for line in output.splitlines() if not line.startswith("basis [") and line.strip())
+    log.append(f"$ qrlora {' '.join(args)}  [exit {done.returncode}, {seconds:.1f} s]\n{shown}\n"
+               f"progress bar: {len(bars)} redraws, last: {bars[-1].strip() if bars else '-'}\n")
+    if done.returncode != 0:
+        raise RuntimeError(f"qrlora {args[0]} exited {done.returncode}: {output.strip().splitlines()[-1:]}")
+    return output, seconds
+
+
+def check_cli(webui: WebUI, python: str, results: Results) -> None:
+    folder = os.path.join(webui.run_dir, "cli")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    cache = os.path.join(folder, "basis-cache")
+    checkpoint = os.path.join(webui.webui, "models", "Stable-diffusion", "tiny-sdxl.safetensors")
+    official, imported = os.path.join(folder, "official.safetensors"), os.path.join(folder, "imported.safetensors")
+    lora, fused = os.path.join(folder, "imported-lora.safetensors"), os.path.join(folder, "fused.safetensors")
+    log: list[str] = []
+    try:
+        subprocess.run([python, os.path.join(PROJECT, "tools", "realhost", "official_file.py"), checkpoint,
+                        "--rank", "4", "-o", official], check=True, capture_output=True)
+
+        def basis_lines(output: str) -> str:
+            return "; ".join(line.strip() for line in output.splitlines()
+                             if line.startswith("basis ") and not line.startswith("basis ["))
+
+        def cache_check():
+            out1, s1 = run_qrlora(python, ["import-official", official, "--base", checkpoint, "--cache", cache,
+                                           "-o", imported], log)
+            out2, s2 = run_qrlora(python, ["export", imported, "--to", "kohya", "--base", checkpoint,
+                                           "--cache", cache, "-o", lora], log)
+            counts = [int(d) for d in re.findall(r"^basis \[[#.]*\] (\d+)/\d+", out1, flags=re.M)]
+            steps = [b - a for a, b in zip([0] + counts, counts)]
+            total = int(re.search(r"^basis \[[#.]*\] \d+/(\d+)", out1, flags=re.M).group(1)) if counts else 0
+            results.record("cli-progress", bool(counts) and counts[-1] == total and max(steps) <= total / 4,
+                           f"import-official's progress bar: {len(counts)} updates up to {counts[-1] if counts else 0}"
+                           f"/{total}, largest step {max(steps) if steps else 0}")
+            files = sorted(name for name in os.listdir(cache) if name.endswith(".safetensors"))
+            once = "computed" in basis_lines(out1) and "from cache" in basis_lines(out2) \
+                and "computed" not in basis_lines(out2)
+            results.record("cli-cache", once and len(files) == 1,
+                           f"import-official ({s1:.1f} s): {basis_lines(out1)!r}; then export ({s2:.1f} s): "
+                           f"{basis_lines(out2)!r}; basis files in the cache: {files}")
+
+        def metadata_check():
+            dog = os.path.join(webui.webui, "models", "QRLoRA", "dog.safetensors")
+            run_qrlora(python, ["fuse", f"{dog}:1.0", f"{imported}:0.5", "-o", fused], log)
+            names = {os.path.basename(p): safetensors_metadata(p).get("ss_sd_model_name", "")
+                     for p in (imported, fused)}
+            results.record("cli-metadata", all(names.values()), f"ss_sd_model_name: {names}")
+
+        results.guarded("cli-cache", cache_check)
+        results.guarded("cli-metadata", metadata_check)
+    finally:
+        with open(os.path.join(folder, "cli.log"), "w", encoding="utf-8") as f:
+            f.write("\n".join(log))
+
+
+# ------------------------------------------------------------------ main
+def write_report(results: Results, webui: WebUI, timings: dict) -> None:
+    with open(os.path.join(webui.run_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"results": results.rows, "timings": timings}, f, indent=1)
+    lines = ["| check | result | evidence |", "|---|---|---|"]
+    for row in results.rows:
+        evidence = row["evidence"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row['check']} | {'pass' if row['ok'] else '**FAIL**'} | {evidence} |")
+    lines.append("")
+    lines.append("Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    with open(os.path.join(webui.run_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def default_qrlora_python() -> str:
+    venv = os.path.join(PROJECT, ".venv", "bin", "python")
+    return venv if os.path.isfile(venv) else "python3"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--webui", required=True, help="the A1111 checkout a1111_setup.py prepared")
+    parser.add_argument("--work", required=True, help="the setup's work folder")
+    parser.add_argument("--port", type=int, default=7870)
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--screenshots", default=None, help="folder for the card page and settings screenshots")
+    parser.add_argument("--qrlora-python", default=default_qrlora_python(),
+                        help="a Python with this project installed, for the qrlora commands")
+    args = parser.parse_args(argv)
+    from playwright.sync_api import sync_playwright
+
+    webui = WebUI(os.path.abspath(args.webui), os.path.abspath(args.work), args.port)
+    results, timings = Results(), {}
+    webui.fresh_state()
+    webui.write_files(args.qrlora_python)
+    try:
+        timings["WebUI start (UI and model)"] = webui.start()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            started = time.perf_counter()
+            page.goto(webui.url + "/", timeout=300_000)
+            page.wait_for_selector("#txt2img_prompt textarea", timeout=300_000)
+            timings["UI page load"] = time.perf_counter() - started
+            ui = UI(page, webui, results, args.screenshots)
+            for name, step in (("card", ui.check_card), ("editor", ui.check_editor),
+                               ("settings", ui.check_settings), ("generate", ui.check_generation),
+                               ("paste", ui.check_paste), ("card-folders", ui.check_card_folders)):
+                results.guarded(name, step)
+            browser.close()
+        results.guarded("restore", lambda: check_restore(webui, results))
+        check_progress(webui, results)
+        check_console(webui, results)
+    finally:
+        webui.stop()
+    check_cli(webui, args.qrlora_python, results)
+    write_report(results, webui, timings)
+    return 0 if all(row["ok"] for row in results.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
