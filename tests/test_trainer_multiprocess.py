@@ -37,3 +37,22 @@ def test_two_processes_match_one_process(tmp_path):
     assert moved > 1e-4  # it trained
     for name in a.names:
         assert torch.allclose(a.layers[name], b.layers[name], atol=1e-5), name
+
+
+def test_a_nan_on_one_rank_stops_both_at_the_same_step_and_keeps_the_last_good_save(tmp_path):
+    cfg = write_config(str(tmp_path), steps=6, saving="save_every_n_steps = 2")
+    # the test hook (trainer.distributed.POISON_ENV): rank 1's loss is NaN at step 3
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", QRLORA_TEST_POISON="1:3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "--config", cfg],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,  # a rank left waiting would hit this
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "loss is nan at step 3 on rank 1; stopping every process" in text, text[-3000:]
+    out = tmp_path / "out"
+    assert not (out / "dog.safetensors").exists()
+    good = deltar.load(str(out / "dog-step000002.safetensors"))
+    assert good.metadata["ss_steps"] == "2"
+    assert all(torch.isfinite(t).all() for t in good.layers.values())

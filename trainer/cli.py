@@ -78,8 +78,11 @@ def format_dry_run(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 an error with its traceback (a bug, out of memory) or a training
+    stopped by a non-finite loss, 2 a config or file problem (one line), 130/143 after
+    SIGINT/SIGTERM with the state saved."""
+    from qrlora.errors import UserError
     from trainer.config import load_config
-    from trainer.schema import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -99,14 +102,11 @@ def main(argv=None) -> int:
             return 0
         from trainer.loop import run
 
-        return run(cfg)
-    except ConfigError as e:
+        return run(cfg, args.set)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before training started (during the load): nothing to save
         print("interrupted", file=sys.stderr)
         return 130
 

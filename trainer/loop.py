@@ -1,15 +1,16 @@
 """The training loop: family-independent, on accelerate, resumable to the exact step.
 
 Reproducibility is by construction: the data order is a function of (seed, epoch), and the
-noise and timesteps of each batch come from a generator seeded by (seed, epoch, batch
-position), so a resumed run, a run split over several processes and a single-process run
-with the same global batch see the same batches with the same noise.
+noise, timesteps and dropout of each batch come from generators seeded by (seed, epoch,
+batch position), so a resumed run, a run split over several processes and a single-process
+run with the same global batch see the same batches with the same noise.
 
 Gradients of the adapters are all-reduced by hand across processes (a mean, at every
 optimizer step) rather than through DDP wrapping: the adapters are never called as a module
 (they patch the base model's layers), which is exactly the situation in which a DDP wrapper
-can silently skip synchronisation. ``test_trainer_multiprocess`` checks every rank holds
-the same ΔR after each step.
+can silently skip synchronisation. Every step the processes also agree on whether to go on
+(``trainer.distributed``): a non-finite loss, a signal or an exception on any rank stops them
+all at the same step, and a fingerprint shows they all hold the same weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime
 import hashlib
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -27,29 +29,44 @@ import torch
 
 from qrlora import archs
 from qrlora.basis import save_basis
+from qrlora.checkpoint import read_header
+from qrlora.errors import OutputError, UserError
 from qrlora.qr import masked_parameter_count
+from qrlora.threads import choose_threads, describe_choice
 from trainer import checkpoint, setup
 from trainer.captions import tag_frequency
 from trainer.config import Config
 from trainer.data import collate
 from trainer.dataset_config import image_counts, plan_summary
 from trainer.preflight import preflight
+from trainer.distributed import POISON_ENV, RankStatus, agree, all_reduce_gradients, poison_for, ranks_out_of_sync
+
+# What a failed write raises: the OS's error, or the core's one-sentence error naming the path.
+WRITE_ERRORS = (OSError, OutputError)
 
 
 class TrainingStopped(RuntimeError):
     pass
 
 
+def derived_seed(kind: str, seed: int, epoch: int, position: int) -> int:
+    digest = hashlib.sha256(f"qrlora-{kind}/{seed}/{epoch}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def batch_generator(seed: int, epoch: int, position: int) -> torch.Generator:
-    digest = hashlib.sha256(f"qrlora-noise/{seed}/{epoch}/{position}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(derived_seed("noise", seed, epoch, position))
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, overrides: list[str] | tuple = ()):
         self.cfg = cfg
         self.log = log
+        self.overrides = list(overrides)  # the --set values, recorded in the state for the resume line
         self.stop_signal: int | None = None
+        self.save_failure: str | None = None  # the last save that could not be written, until one succeeds
+        self.deferred_error: BaseException | None = None  # raised between steps; reported at the next agreement
+        self.bar = None
 
     # ----------------------------------------------------------------- setup
     def prepare(self) -> None:
@@ -76,6 +93,7 @@ class Trainer:
         for warning in list(cfg.warnings) + list(self.plan.warnings) + checked:
             self.say(f"warning: {warning}")
         self.family, self.models = setup.load_models(cfg, self.device)
+        self.threads = self.choose_threads()
         self.inputs = setup.input_record(cfg, self.models)  # what decides the result: printed and saved
         self.say(setup.describe_inputs(cfg, self.models))
         self.targets, modules = setup.layer_modules(cfg, self.family, self.models)
@@ -95,13 +113,49 @@ class Trainer:
         self.step = 0
         self.batches_done = 0  # positions of the current epoch consumed by all processes
         self.epoch = 1
-        if cfg.saving.resume:
-            progress = checkpoint.load_state(cfg.saving.resume, self.network, self.optimizer, self.scheduler,
-                                             torch.Generator())
-            self.step, self.epoch, self.batches_done = progress["step"], progress["epoch"], progress["batches_done"]
-            self.say(f"resumed from {cfg.saving.resume} at step {self.step} (epoch {self.epoch})")
         self.started_at = time.time()
         self.session = setup.session_id(cfg, self.inputs, setup.file_timestamp(self.started_at))
+        if cfg.saving.resume:
+            self.resume(cfg.saving.resume)
+
+    def resume(self, folder: str) -> None:
+        """Continue the run saved in ``folder``: same network, same session, and never over
+        the final file of another run."""
+        _, run = checkpoint.read_run(folder)
+        recorded = run.get("config", {}).get("network")
+        mine = self.cfg.to_dict()["network"]
+        if recorded:
+            for key in ("type", "rank", "alpha", "mask", "targets", "train_text_encoder"):
+                if recorded.get(key) != mine.get(key):
+                    raise UserError(f"saving.resume: {folder} was trained with network.{key} = {recorded.get(key)!r},"
+                                    f" this config has network.{key} = {mine.get(key)!r}; resume with that run's"
+                                    " network settings")
+        self.session = run.get("session", self.session)
+        final = self.final_path()
+        if os.path.exists(final):
+            theirs = read_header(final)[1].get("ss_session_id")
+            if theirs and theirs != self.session:
+                raise UserError(f"saving.resume: {final} is the final file of another run (session {theirs}), not of"
+                                f" the run saved in {folder} (session {self.session}); set training.output_dir or"
+                                " training.output_name to that run's, or move the file away")
+        progress = checkpoint.load_state(folder, self.network, self.optimizer, self.scheduler, self.scaler)
+        self.step, self.epoch, self.batches_done = progress["step"], progress["epoch"], progress["batches_done"]
+        if self.batches_done >= len(self.data):  # saved at an epoch's last step; its end-of-epoch work was done
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        self.say(f"resumed from {folder} at step {self.step} (epoch {self.epoch})")
+
+    def choose_threads(self) -> int:
+        """``training.cpu_threads``, or for 0 one thread when a small model trains on the CPU
+        (thousands of tiny operations: more threads only wait on each other)."""
+        requested = self.cfg.training.cpu_threads
+        size = sum(p.numel() for p in self.models.denoiser.parameters())
+        if requested == 0 and self.device.type != "cpu":
+            threads = torch.get_num_threads()
+        else:
+            threads = choose_threads(size, requested)
+        torch.set_num_threads(threads)
+        self.threads_note = describe_choice(size, requested, threads)
+        return threads
 
     @contextlib.contextmanager
     def main_first(self):
@@ -120,7 +174,7 @@ class Trainer:
         if self.data.text_cache is not None:
             captions = self.data.fixed_captions()
             if captions is None:
-                raise ValueError("cache_text_encoder_outputs needs fixed captions (no shuffle or dropout)")
+                raise UserError("training.cache_text_encoder_outputs needs fixed captions (no shuffle or dropout)")
             cache = self.data.text_cache
             todo = [c for c in captions if cache.key_for(c) not in cache]
             for i in range(0, len(todo), 8):
@@ -137,8 +191,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def micro_step(self, epoch: int, position: int, accumulation: int) -> float:
+    def micro_step(self, epoch: int, position: int, accumulation: int, status: RankStatus) -> float:
+        """Forward and backward of one batch. A non-finite loss is recorded in ``status`` (and
+        not backpropagated): the processes decide together what to do about it."""
         t = self.cfg.training
+        # Dropout draws from torch's generator: seeding it from the batch position makes
+        # those draws, like the noise, independent of resume points and process count.
+        torch.manual_seed(derived_seed("dropout", t.seed, epoch, position))
         batch = collate(self.data[(epoch, position)])
         for key, value in list(batch.items()):
             if isinstance(value, torch.Tensor):
@@ -151,29 +210,28 @@ class Trainer:
             per_sample = self.family.training_loss(self.models, batch, conds, batch_generator(t.seed, epoch, position),
                                                    t.noise_offset, t.min_snr_gamma)
         loss = (per_sample.float() * batch["loss_weights"]).mean()
+        poison = poison_for(self.accelerator.process_index, self.step + 1)
+        if poison == "nan":
+            loss = loss * float("nan")
+        elif poison == "error":
+            raise RuntimeError(f"{POISON_ENV}: an exception on this rank at step {self.step + 1}, as asked")
         if not torch.isfinite(loss):
-            raise TrainingStopped(
-                f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}, batch {position}); stopping. "
-                "The last good checkpoint is kept. Lower the learning rate, or use bf16/fp32 instead of fp16."
-            )
+            status.nonfinite_loss = loss.item()
+            status.where = f"epoch {epoch}, batch {position}"
+            return loss.item()
         self.scaler.scale(loss / accumulation).backward()
         return loss.item()
 
     def optimizer_step(self) -> float:
         params = self.network.trainable_parameters()
-        if self.accelerator.num_processes > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= self.accelerator.num_processes
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).clone()
-                offset += n
+        world = self.accelerator.num_processes
+        if world > 1:
+            all_reduce_gradients(params, world)
+            differ = ranks_out_of_sync(params, world)
+            if differ:
+                raise TrainingStopped(f"adapter weights of rank(s) {', '.join(map(str, differ))} differ from rank 0's"
+                                      f" at step {self.step}; stopping every process")
         norm = 0.0
-        if self.accelerator.num_processes > 1:
-            self.check_in_sync(params)
         # after the all-reduce, so that every process sees the same inf/NaN and skips alike
         self.scaler.unscale_(self.optimizer)
         if self.cfg.training.max_grad_norm > 0:
@@ -185,69 +243,113 @@ class Trainer:
         self.step += 1
         return norm
 
-    def check_in_sync(self, params) -> None:
-        """Every process must hold the same adapter weights before each update; a cheap
-        fingerprint is compared across processes (kohya once trained N independent models)."""
-        flat = torch.cat([p.detach().reshape(-1).double() for p in params])
-        mine = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum()])
-        gathered = [torch.zeros_like(mine) for _ in range(self.accelerator.num_processes)]
-        torch.distributed.all_gather(gathered, mine)
-        if any(not torch.equal(g, gathered[0]) for g in gathered):
-            raise TrainingStopped(f"adapter weights differ between processes at step {self.step}: {gathered}")
+    def accumulate(self, positions: list[int], accumulation: int) -> tuple[RankStatus, float]:
+        """The micro-batches of one optimizer step on this rank; nothing here raises, so that
+        every rank reaches the step's agreement."""
+        status = RankStatus()
+        last = float("nan")
+        try:
+            if self.deferred_error is not None:
+                raise self.deferred_error
+            for position in positions:
+                last = self.micro_step(self.epoch, position, accumulation, status)
+                if status.nonfinite_loss is not None:
+                    break
+        except Exception as e:  # reported to every rank, then raised here with its traceback
+            status.error = e
+        status.signal = self.stop_signal
+        return status, last
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
-        cfg, t = self.cfg, self.cfg.training
-        acc = self.accelerator
-        accumulation = t.gradient_accumulation_steps
+        """Run to the end; 0 when done, 1 after a stop for a non-finite loss or an error on any
+        rank, 128 + the signal number after SIGINT/SIGTERM (with the state saved), 2 when the
+        output folder could not be written and the run went to a fallback folder."""
         self.install_signal_handlers()
         self.print_start_summary()
-        if cfg.sampling.sample_at_first and self.step == 0:
-            self.sample_images("first")
-        bar = self.progress_bar()
-        last_loss, window, lrs = float("nan"), [], []
+        self.bar = self.progress_bar()
         try:
-            while self.step < self.schedule.total_steps:
-                positions = self.data.positions(self.batches_done, acc.process_index, acc.num_processes)
-                micro = 0
-                for i, position in enumerate(positions):
-                    last_loss = self.micro_step(self.epoch, position, accumulation)
-                    window = (window + [last_loss])[-20:]
-                    micro += 1
-                    self.batches_done = min(len(self.data), self.batches_done + acc.num_processes)
-                    if micro % accumulation and i != len(positions) - 1:
-                        continue
-                    norm = self.optimizer_step()
-                    lrs = self.scheduler.get_last_lr()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lrs[0]:.2e}", epoch=self.epoch)
-                    self.log_scalars({"loss": last_loss, "loss_avg": sum(window) / len(window), "lr": lrs[0],
-                                      "grad_norm": norm})
-                    self.after_step()
-                    if self.step >= self.schedule.total_steps or self.stop_signal is not None:
-                        break
-                if self.stop_signal is not None:
-                    return self.interrupted()
-                if self.batches_done >= len(self.data):
-                    self.after_epoch()
-                    self.epoch += 1
-                    self.batches_done = 0
+            if self.cfg.sampling.sample_at_first and self.step == 0:
+                self.between_steps(self.sample_images, "first")
+            return self.run_steps()
         except TrainingStopped as e:
             self.say(f"error: {e}")
             return 1
         finally:
-            if bar is not None:
-                bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.restore_signal_handlers()
-        final = self.save(final=True)
+
+    def run_steps(self) -> int:
+        acc, t = self.accelerator, self.cfg.training
+        accumulation = t.gradient_accumulation_steps
+        window: list[float] = []
+        while self.step < self.schedule.total_steps:
+            positions = self.data.positions(self.batches_done, acc.process_index, acc.num_processes)
+            for start in range(0, len(positions), accumulation):
+                group = positions[start : start + accumulation]
+                status, last_loss = self.accumulate(group, accumulation)
+                verdict = agree(status, acc.process_index, acc.num_processes, self.device)
+                if verdict.stop_now:
+                    return self.stop(verdict, status)
+                self.batches_done = min(len(self.data), self.batches_done + acc.num_processes * len(group))
+                norm = self.optimizer_step()
+                window = (window + [last_loss])[-20:]
+                lrs = self.scheduler.get_last_lr()
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lrs[0]:.2e}", epoch=self.epoch)
+                self.log_scalars({"loss": last_loss, "loss_avg": sum(window) / len(window), "lr": lrs[0],
+                                  "grad_norm": norm})
+                if verdict.signal is not None:
+                    return self.interrupted(verdict.signal)
+                self.between_steps(self.after_step)
+                if self.step >= self.schedule.total_steps:
+                    break
+            if self.batches_done >= len(self.data):
+                self.between_steps(self.after_epoch)
+                self.epoch += 1
+                self.batches_done = 0
+        # one last agreement: an error in the last step's sampling, or a late signal, counts
+        status = RankStatus(signal=self.stop_signal, error=self.deferred_error)
+        verdict = agree(status, acc.process_index, acc.num_processes, self.device)
+        if verdict.stop_now:
+            return self.stop(verdict, status)
+        final = self.save(self.output_name(), final=True)
+        if final is None:
+            return self.rescue(self.output_name(), final=True)
         self.print_end_summary(final)
         return 0
+
+    def between_steps(self, work, *args) -> None:
+        """Sampling and saving between steps: an exception is held for the next agreement
+        (raising now would leave the other ranks waiting in a collective)."""
+        try:
+            work(*args)
+        except Exception as e:
+            self.deferred_error = e
+
+    def stop(self, verdict, status: RankStatus) -> int:
+        """Every rank stops here at the same step; the main process says why, naming the rank."""
+        step = self.step + 1
+        for rank, value in sorted(verdict.nonfinite.items()):
+            where = f" ({status.where})" if rank == self.accelerator.process_index and status.where else ""
+            self.say(f"error: loss is {value} at step {step} on rank {rank}{where}; stopping every process. The last"
+                     " good checkpoint is kept. Lower the learning rate, or use bf16/fp32 instead of fp16.")
+        for rank in verdict.failed:
+            if rank != self.accelerator.process_index:
+                self.say(f"error: rank {rank} raised an exception at step {step} (its traceback is above);"
+                         " stopping every process")
+        if self.save_failure is not None:  # the weights in memory are still the last good ones
+            self.rescue(f"{self.output_name()}-rescue-step{self.step:06d}", final=False)
+        if status.error is not None:
+            raise status.error
+        return 1
 
     def after_step(self) -> None:
         c = self.cfg
         if c.saving.save_every_n_steps and self.step % c.saving.save_every_n_steps == 0 and self.step < self.schedule.total_steps:
-            self.save(tag=f"step{self.step:06d}")
+            self.save(checkpoint.periodic_name(self.output_name(), c.saving.save_naming, step=self.step))
         if c.sampling.sample_every_n_steps and self.step % c.sampling.sample_every_n_steps == 0:
             self.sample_images(f"{self.step:06d}")
 
@@ -255,7 +357,7 @@ class Trainer:
         c = self.cfg
         if c.saving.save_every_n_epochs and self.epoch % c.saving.save_every_n_epochs == 0 \
                 and self.step < self.schedule.total_steps:
-            self.save(tag=f"epoch{self.epoch:06d}")
+            self.save(checkpoint.periodic_name(self.output_name(), c.saving.save_naming, epoch=self.epoch))
         if c.sampling.sample_every_n_epochs and self.epoch % c.sampling.sample_every_n_epochs == 0:
             self.sample_images(f"e{self.epoch:06d}")
 
@@ -263,38 +365,100 @@ class Trainer:
     def output_name(self) -> str:
         return self.cfg.training.output_name or os.path.splitext(os.path.basename(self.cfg.source))[0]
 
-    def save(self, tag: str | None = None, final: bool = False, state: bool | None = None) -> str:
-        """The adapter file (+ resumable state); only the main process writes."""
-        cfg, n = self.cfg, self.cfg.network
-        name = self.output_name() if final else f"{self.output_name()}-{tag}"
-        path = os.path.join(cfg.training.output_dir, f"{name}.safetensors")
+    def final_path(self) -> str:
+        return os.path.join(self.cfg.training.output_dir, f"{self.output_name()}.safetensors")
+
+    def save(self, name: str, final: bool = False, state: bool | None = None) -> str | None:
+        """``name``.safetensors (+ resumable state) in the output folder; only the main process
+        writes. A write that fails (disk full, permissions) does not stop training: the state
+        stays in memory, the failure is reported, and the next save (or the end of the run,
+        into a fallback folder) tries again. Returns the path, or None when the main process
+        could not write it."""
+        path = os.path.join(self.cfg.training.output_dir, f"{name}.safetensors")
         self.accelerator.wait_for_everyone()
+        written = None if self.is_main else path  # only the main process knows; the others go on alike
         if self.is_main:
-            os.makedirs(cfg.training.output_dir, exist_ok=True)
-            alpha = n.alpha if n.alpha is not None else float(n.rank)
-            checkpoint.save_adapter(path, self.network, n.type, self.basis, self.family.name, n.rank, alpha, n.mask,
-                                    cfg.saving.save_precision, self.metadata(), name,
-                                    os.path.basename(os.path.normpath(cfg.model.pretrained)),
-                                    cfg.saving.embed_basis, targets={t.name: t for t in self.targets})
-            if self.basis is not None:
-                basis_path = os.path.join(cfg.training.output_dir, f"basis-{self.basis.basis_id}.safetensors")
-                if not os.path.exists(basis_path):
-                    save_basis(self.basis, basis_path)
-            if cfg.saving.save_state if state is None else state:
-                checkpoint.save_state(path[: -len(".safetensors")] + "-state", self.network, self.optimizer,
-                                      self.scheduler, self.progress(), torch.Generator())
-            if not final:
-                checkpoint.keep_last(cfg.training.output_dir, self.output_name(), cfg.saving.save_last_n)
+            self.show_activity(f"saving {name}")
+            try:
+                self.write_outputs(self.cfg.training.output_dir, name, final, state)
+                written = path
+                if self.save_failure is not None:
+                    self.say(f"saved {path}: writing works again")
+                    self.save_failure = None
+            except WRITE_ERRORS as e:
+                self.save_failure = f"{path}: {e}"
+                self.say(f"warning: could not save {path} ({e}); training goes on with its state in memory, and"
+                         " the next save tries again (at the end of the run, into a fallback folder if it must)")
+            self.show_activity("steps")
         self.accelerator.wait_for_everyone()
-        return path
+        return written
+
+    def write_outputs(self, folder: str, name: str, final: bool, state: bool | None) -> None:
+        cfg, n = self.cfg, self.cfg.network
+        path = os.path.join(folder, f"{name}.safetensors")
+        os.makedirs(folder, exist_ok=True)
+        alpha = n.alpha if n.alpha is not None else float(n.rank)
+        checkpoint.save_adapter(path, self.network, n.type, self.basis, self.family.name, n.rank, alpha, n.mask,
+                                cfg.saving.save_precision, self.metadata(), name,
+                                os.path.basename(os.path.normpath(cfg.model.pretrained)),
+                                cfg.saving.embed_basis, targets={t.name: t for t in self.targets})
+        if self.basis is not None:
+            basis_path = os.path.join(folder, f"basis-{self.basis.basis_id}.safetensors")
+            if not os.path.exists(basis_path):
+                save_basis(self.basis, basis_path)
+        if cfg.saving.save_state if state is None else state:
+            checkpoint.save_state(path[: -len(".safetensors")] + "-state", self.network, self.optimizer,
+                                  self.scheduler, self.scaler, self.progress(), self.run_record(folder))
+        if not final and folder == cfg.training.output_dir:
+            checkpoint.keep_last(folder, self.output_name(), cfg.saving.save_last_n)
+
+    def rescue(self, name: str, final: bool) -> int:
+        """The output folder cannot be written: save the file and its state into the first
+        fallback folder that takes them, and say where. Returns the exit code (2)."""
+        if self.is_main:
+            for folder in checkpoint.rescue_folders(self.output_name(), self.session):
+                try:
+                    self.write_outputs(folder, name, final, state=True)
+                except WRITE_ERRORS as e:
+                    self.say(f"warning: could not write the fallback folder {folder} either ({e})")
+                    continue
+                state = os.path.join(folder, f"{name}-state")
+                self.say(f"error: could not write {self.cfg.training.output_dir} ({self.save_failure}); saved"
+                         f" {os.path.join(folder, name)}.safetensors and its state {state} instead.\n"
+                         f"Resume with: {self.resume_command(state)}")
+                return 2
+            self.say(f"error: nothing could be saved ({self.save_failure}); the training state is lost")
+        return 2
+
+    def run_record(self, folder: str) -> dict:
+        """What a state folder says about its run: enough to resume exactly that run."""
+        return {"session": self.session, "config_file": self.cfg.source, "overrides": self.overrides,
+                "output_dir": os.path.abspath(self.cfg.training.output_dir), "saved_in": os.path.abspath(folder),
+                "config": self.cfg.to_dict()}
+
+    def resume_command(self, state: str) -> str:
+        """One copy-pasteable line: this config, the same --set overrides, and the state."""
+        keep = [o for o in self.overrides if o.split("=", 1)[0].strip() != "saving.resume"]
+        parts = ["python", "-m", "trainer", "--config", os.path.abspath(self.cfg.source)]
+        for o in keep + [f"saving.resume={os.path.abspath(state)}"]:
+            parts += ["--set", o]
+        return shlex.join(parts)
 
     def progress(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
                 "total_steps": self.schedule.total_steps}
 
+    def trained_resolution(self) -> tuple[int, int]:
+        """The first dataset's resolution (width, height): what modelspec.resolution means."""
+        if self.plan.datasets:
+            return tuple(self.plan.datasets[0].buckets.resolution)
+        return self.family.default_size(self.models)
+
     def metadata(self) -> dict[str, str]:
         cfg, t = self.cfg, self.cfg.training
         m = cfg.saving.metadata
+        base = os.path.dirname(os.path.abspath(cfg.source))
+        width, height = self.trained_resolution()
         meta = {
             "ss_session_id": self.session,
             # $SOURCE_DATE_EPOCH fixes the timestamps: the same inputs then give the same bytes
@@ -326,9 +490,11 @@ class Trainer:
             "ss_network_dropout": str(cfg.network.dropout),
             "ss_network_train_unet_only": str(not cfg.network.train_text_encoder),
             "ss_tag_frequency": json.dumps(tag_frequency(self.plan)),
-            "ss_datasets": json.dumps(plan_summary(self.plan)["datasets"]),
+            "ss_datasets": json.dumps(checkpoint.shareable_paths(plan_summary(self.plan)["datasets"], base)),
+            "ss_resolution": f"({width}, {height})",
+            "modelspec.resolution": f"{width}x{height}",
             "ss_training_comment": m.description or "",
-            "qrlora.trainer_config": json.dumps(cfg.to_dict()),
+            "qrlora.trainer_config": json.dumps(checkpoint.shareable_paths(cfg.to_dict(), base)),
             **self.inputs,
         }
         for key in ("title", "author", "description", "license", "trigger_phrase"):
@@ -356,13 +522,20 @@ class Trainer:
         for sig, previous in getattr(self, "_previous", {}).items():
             signal.signal(sig, previous)
 
-    def interrupted(self) -> int:
-        name = signal.Signals(self.stop_signal).name
-        path = self.save(tag=f"step{self.step:06d}", state=True)
-        state = path[: -len(".safetensors")] + "-state"
-        self.say(f"{name}: saved {path} and a resumable state at step {self.step}.\n"
-                 f"Resume with: python -m trainer --config {self.cfg.source} --set saving.resume={state}")
-        return 0
+    def interrupted(self, signum: int) -> int:
+        """Every rank saw the signal at this step: save a resumable state, print the line that
+        resumes exactly this run, exit 128 + the signal number (130 for SIGINT, 143 for
+        SIGTERM) as shells and schedulers expect."""
+        sig = signal.Signals(signum).name
+        name = checkpoint.periodic_name(self.output_name(), self.cfg.saving.save_naming, step=self.step)
+        path = self.save(name, state=True)
+        if path is None:
+            self.rescue(name, final=False)
+        else:
+            state = path[: -len(".safetensors")] + "-state"
+            self.say(f"{sig}: saved {path} and a resumable state at step {self.step}.\n"
+                     f"Resume with: {self.resume_command(state)}")
+        return 128 + signum
 
     # ----------------------------------------------------------------- sampling and logging
     def sample_images(self, tag: str) -> list[str]:
@@ -370,7 +543,16 @@ class Trainer:
 
         if not self.is_main or not self.cfg.sampling.prompts:
             return []
-        return sample_images(self, tag)
+        self.show_activity(f"sampling {tag}")
+        try:
+            return sample_images(self, tag)
+        finally:
+            self.show_activity("steps")
+
+    def show_activity(self, text: str) -> None:
+        """The progress bar says what the run is doing between steps (sampling, saving)."""
+        if self.bar is not None:
+            self.bar.set_description_str(text)
 
     def progress_bar(self):
         if not self.is_main:
@@ -397,7 +579,7 @@ class Trainer:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
-                    raise RuntimeError("logging with tensorboard needs it installed: pip install tensorboard") from None
+                    raise UserError("logging.logging_dir: logging with tensorboard needs it installed: pip install tensorboard") from None
                 run = f"{self.output_name()}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
                 self._writer = SummaryWriter(os.path.join(lg.logging_dir, run))
         return self._writer
@@ -412,7 +594,7 @@ class Trainer:
             f"{kind} rank {n.rank} on {len(self.targets)} layers ({trainable:,} trainable parameters{basis})\n"
             f"{image_counts(self.plan)}, {s.batches_per_epoch} batches per epoch, "  # C2: counts with/without repeats
             f"{s.steps_per_epoch} steps per epoch, {s.total_steps} steps in {s.epochs} epochs, "
-            f"{self.accelerator.num_processes} process(es) on {self.device}"
+            f"{self.accelerator.num_processes} process(es) on {self.device}, {self.threads_note}"
         )
 
     def print_end_summary(self, final: str) -> None:
@@ -424,8 +606,8 @@ class Trainer:
                  f"  use it: copy it to your WebUI's {folder} folder and write {how} in a prompt")
 
 
-def run(cfg: Config) -> int:
-    trainer = Trainer(cfg)
+def run(cfg: Config, overrides=()) -> int:
+    trainer = Trainer(cfg, overrides=overrides)
     trainer.prepare()
     return trainer.train()
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from qrlora.errors import UserError
 from qrlora.qr import apply_mask
 
 
@@ -141,12 +142,26 @@ class AdapterNetwork(nn.Module):
                 out[f"{name}.{pname}"] = p.detach().float().cpu().contiguous()
         return out
 
+    def check_adapter_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Raise a UserError naming both sides when ``state`` was saved by a different network
+        (other layers, another rank), instead of a tensor-size error deep in ``copy_``."""
+        mine = {f"{name}.{pname}": tuple(p.shape) for name, adapter in self.items()
+                for pname, p in adapter.named_parameters()}
+        if set(state) != set(mine):
+            missing = sorted(set(mine) - set(state))
+            extra = sorted(set(state) - set(mine))
+            raise UserError(f"{source} holds adapters for other layers than this config: {len(missing)} of this"
+                            f" config's are missing (first: {missing[:1]}), {len(extra)} are not in this config"
+                            f" (first: {extra[:1]})")
+        for key, shape in mine.items():
+            theirs = tuple(state[key].shape)
+            if theirs != shape:
+                raise UserError(f"{source} was trained with rank {_rank_of(key, theirs)} ({key} has shape {theirs}),"
+                                f" this config has rank {_rank_of(key, shape)} (shape {shape});"
+                                " resume with the network settings of that run")
+
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.adapter_state())
-        if set(state) != expected:
-            missing = sorted(expected - set(state))[:3]
-            extra = sorted(set(state) - expected)[:3]
-            raise ValueError(f"adapter state does not match this network (missing {missing}, unexpected {extra})")
+        self.check_adapter_state(state, "the adapter state")
         with torch.no_grad():
             for name, adapter in self.items():
                 for pname, p in adapter.named_parameters():
@@ -161,3 +176,8 @@ class AdapterNetwork(nn.Module):
         ups = {n: a.up_weight().detach().float().cpu() for n, a in self.items()}
         downs = {n: a.down_weight().detach().float().cpu() for n, a in self.items()}
         return ups, downs
+
+
+def _rank_of(key: str, shape: tuple[int, ...]) -> int:
+    """The rank dimension of a trained tensor: rows of ΔR/down, columns of up."""
+    return shape[1] if key.endswith(".up") else shape[0]

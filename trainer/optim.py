@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from qrlora.errors import UserError
+
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 
 
@@ -22,15 +24,15 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: dict | 
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+            raise UserError("training.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(param_groups, lr=lr, **args)
     if key == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
-            raise RuntimeError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt") from None
+            raise UserError("training.optimizer = 'prodigy' needs prodigyopt: pip install prodigyopt") from None
         return Prodigy(param_groups, lr=lr, **args)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd, adamw8bit or prodigy")
+    raise UserError(f"training.optimizer: unknown optimizer {name!r}; choose adamw, sgd, adamw8bit or prodigy")
 
 
 def warmup_steps(value: float, total_steps: int) -> int:
@@ -41,7 +43,7 @@ def warmup_steps(value: float, total_steps: int) -> int:
 def make_scheduler(name: str, optimizer, total_steps: int, warmup: int = 0, num_cycles: int = 1):
     """A LambdaLR (its state dict holds only numbers, so resume needs no pickled functions)."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown lr_scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise UserError(f"training.lr_scheduler: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     total = max(1, total_steps)
 
     def factor(step: int) -> float:
