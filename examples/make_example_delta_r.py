@@ -2,14 +2,11 @@
 
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from qrlora import deltar  # noqa: E402
-from qrlora.basis import load_basis  # noqa: E402
+from qrlora import deltar
+from qrlora.basis import load_basis
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("basis")
