@@ -1,4 +1,4 @@
-"""Which Q to apply a ΔR file with (DESIGN §3), in this order:
+"""Which Q to apply a ΔR file with (the basis contract in README.md), in this order:
 
 1. the Q embedded in a portable file;
 2. a basis already in memory or in the basis cache folder under the file's basis id;

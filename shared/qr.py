@@ -11,7 +11,7 @@ QR of that out × r matrix gives exactly the first r columns of the full QR of W
 P from an eigendecomposition of the smaller Gram matrix (W·Wᵀ or Wᵀ·W), which is exact
 (no randomisation) and several times cheaper than a full SVD; the result does not depend on
 the eigenvectors' arbitrary signs. Positive diag(R) makes Q unique: the same on every
-device and library, which is what lets a ΔR file be applied anywhere (DESIGN §3).
+device and library, which is what lets a ΔR file be applied anywhere.
 """
 
 from __future__ import annotations

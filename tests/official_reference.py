@@ -1,6 +1,6 @@
 """An independent implementation of the official QR-LoRA maths, for tests only.
 
-Written from the description of luna-ai-lab/QR-LoRA (reference/qrlora-official-code.md §1.1):
+Written from the algorithm of the official code (luna-ai-lab/QR-LoRA, its training script):
 full SVD, the rank-r core scaled by 1/s, a full reduced QR of the core (not of its first r
 columns), Q = first r columns, R = first r rows, and no sign normalisation.
 """

@@ -87,7 +87,7 @@ def test_kohya_export_is_read_by_diffusers_kohya_converter(sdxl_file):
 
 
 def test_kohya_export_key_format_sdxl(sdxl_file):
-    """kohya's SDXL key format (reference/kohya-sd-scripts.md §4): lora_unet_ + SGM path,
+    """kohya's SDXL key format (sd-scripts networks/lora.py): lora_unet_ + SGM path,
     lora_te1_/lora_te2_ + HF CLIP path; up = Q, down = ΔR, alpha = s·r."""
     b, d = sdxl_file
     tensors, _ = to_kohya(d, b.q, torch.float32)

@@ -55,7 +55,7 @@ def test_batched_in_any_order_equals_one_at_a_time():
 
 
 def test_lower_precision_copies_move_delta_w_as_design_says():
-    """DESIGN §3: fp16 moves ΔW by well under 0.2 %, bf16 by about 1 %, both far below a sign flip."""
+    """fp16 moves ΔW by well under 0.2 %, bf16 by about 1 %, both far below a sign flip."""
     w = trained_like(256, 256, seed=2)
     r = 32
     delta_r = torch.randn(r, 256, generator=torch.Generator().manual_seed(3))

@@ -152,7 +152,7 @@ def test_real_sdxl_layout_counts():
     counts = {preset: len(ARCH.select(targets, preset)) for preset in ARCH.presets}
     assert counts == {"sdxl-attn": 560, "sdxl-all": 722, "sdxl-te": 264}
     assert len(_part(targets, "te1")) == 72 and len(_part(targets, "te2")) == 192
-    # kohya's LoRA parameters per rank, r * (in + out) summed (reference/kohya-sd-scripts.md §5)
+    # kohya's LoRA parameters per rank, r * (in + out) summed over the targets
     assert sum(t.in_features + t.out_features for t in ARCH.select(targets, "sdxl-all")) == 2_659_840
     assert sum(t.in_features + t.out_features for t in targets) == 3_563_008
     q = next(t for t in targets if t.name == "te2.text_model.encoder.layers.31.self_attn.v_proj")
