@@ -62,6 +62,18 @@ def file_sha256(path: str) -> str:
     return digest
 
 
+def weights_identity(paths) -> str:
+    """The content identity of model files (checkpoint, VAE, ...) that the caches' keys use:
+    a digest of the SHA-256 of every byte of every file, in order. Not a sample: a merged LoRA
+    or an edit of a single weight anywhere must be a miss, and one read of the files (which
+    the trainer loads anyway, so they are in the page cache) costs seconds. Location-
+    independent, so a copied or renamed model keeps its caches."""
+    h = hashlib.sha256()
+    for i, path in enumerate(paths):
+        h.update(f"{i}:{file_sha256(path)};".encode())
+    return h.hexdigest()[:16]
+
+
 def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -81,21 +81,43 @@ def layer_modules(cfg: Config, family: ModelFamily, models: Models):
 
 
 def make_basis(cfg: Config, family: ModelFamily, models: Models, targets: list[Target], device, quiet=False) -> Basis:
-    """The canonical basis of these targets: from the cache, else computed from the file the
-    weights came from (or the loaded base weights when there is no single file)."""
+    """The canonical basis of these targets: from the cache (checked against the sketch recorded
+    when it was computed), else computed from the file the weights came from (or the loaded
+    base weights when there is no single file). A resumed run checks it against the sketch of
+    the ΔR file saved with its state, so it never continues on another basis."""
     cache = BasisCache(cfg.network.basis_cache or default_cache_dir())
     names = [t.name for t in targets]
     progress = None if quiet else ProgressBar("basis")
     if models.basis_source:
         basis, _ = cache.get_or_compute(models.basis_source, cfg.network.rank, names, family.name,
-                                        device=device, progress=progress)
-        return basis
-    q, bid = compute_basis(lambda t: family.base_weight(models, t.name), targets, family.name, cfg.network.rank,
-                           device=device, progress=progress)
-    basis = Basis(family.name, cfg.network.rank, list(targets), q, bid, names,
-                  {"base_model": os.path.basename(os.path.normpath(cfg.model.pretrained))})
-    cache.store(basis)
+                                        device=device, progress=progress, log=None if quiet else print)
+    else:
+        q, bid = compute_basis(lambda t: family.base_weight(models, t.name), targets, family.name, cfg.network.rank,
+                               device=device, progress=progress)
+        basis = Basis(family.name, cfg.network.rank, list(targets), q, bid, names,
+                      {"base_model": os.path.basename(os.path.normpath(cfg.model.pretrained))})
+        cache.store(basis)
+    if cfg.saving.resume:
+        check_resumed_basis(cfg.saving.resume, basis)
     return basis
+
+
+def check_resumed_basis(state_folder: str, basis: Basis) -> None:
+    """Raise a UserError when ``basis`` is not the one the ΔR file saved beside the state
+    (``NAME-state`` → ``NAME.safetensors``) was trained on, ids and sketch both measured."""
+    from qrlora import deltar
+    from qrlora.basis import check_basis
+    from qrlora.errors import UserError
+
+    folder = os.path.normpath(state_folder)
+    adapter = folder[: -len("-state")] + ".safetensors" if folder.endswith("-state") else ""
+    if not adapter or not os.path.isfile(adapter):
+        return  # nothing saved beside the state to compare with (the state itself holds no basis)
+    d = deltar.load(adapter)
+    check = check_basis(d.names, d.sketch, d.basis_id, basis.q, basis.basis_id)
+    if not check.ok:
+        raise UserError(f"saving.resume: {state_folder} was trained on another basis than this run's: "
+                        f"{check.describe()}; resume with the base model and network settings of that run")
 
 
 def make_network(cfg: Config, modules, basis: Basis | None) -> AdapterNetwork:

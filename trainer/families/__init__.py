@@ -12,7 +12,6 @@ Layer names are the project's layout-independent ones (``qrlora.archs``): ``unet
 from __future__ import annotations
 
 import abc
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -169,20 +168,3 @@ def detect_family(pretrained: str) -> ModelFamily:
         f"model.pretrained: {pretrained} is not a model this trainer knows (families: {', '.join(sorted(_FAMILIES))}); "
         "expected an original-layout single-file .safetensors checkpoint or a diffusers model folder"
     )
-
-
-def file_fingerprint(paths: Sequence[str], chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
-    """A content digest of model files without reading them whole: each file's size, its first
-    MiB (a safetensors header names every tensor and its offsets) and ``chunks`` evenly spaced
-    samples. Location-independent, so a copied or renamed checkpoint keeps its caches, and
-    any fine-tune (which changes every tensor) gets a new one."""
-    h = hashlib.sha256()
-    for i, path in enumerate(paths):
-        size = os.path.getsize(path)
-        h.update(f"{i}:{size};".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(1 << 20))
-            for i in range(chunks):
-                f.seek(max(0, (size - chunk_bytes) * i // max(1, chunks - 1)))
-                h.update(f.read(chunk_bytes))
-    return h.hexdigest()[:16]

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from qrlora.archs.sdxl import SDXL
 from qrlora.checkpoint import SafetensorsFile, read_header
 
-from . import BUILTIN_PREFIX, ModelFamily, Models, cache_root, file_fingerprint, register
+from ..cache import weights_identity
+from . import BUILTIN_PREFIX, ModelFamily, Models, cache_root, register
 from . import sdxl_load as L
 from ..tokenizers import EOS, MAX_LENGTH, resolve_clip_tokenizers
 
@@ -152,7 +153,7 @@ class SDXLFamily(ModelFamily):
             tokenizers=tokenizers,
             noise_scheduler=DDPMScheduler.from_config(sched_cfg),
             basis_source=basis_source,
-            identity=f"sdxl-{file_fingerprint(weight_files)}" if weight_files else f"sdxl-path:{os.path.abspath(pretrained)}",
+            identity=f"sdxl-{weights_identity(weight_files)}" if weight_files else f"sdxl-path:{os.path.abspath(pretrained)}",
             weight_dtype=weight_dtype,
             vae_dtype=vae_dtype,
             device=device,
