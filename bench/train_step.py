@@ -103,7 +103,7 @@ def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
     return {
-        "model": model, "variant": variant, "layers": len(names),
+        "model": model, "variant": variant, "layers": len(names), "rank": rank,
         "trainable": sum(p.numel() for p in params),
         "ms_per_step": 1000 * statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -131,9 +131,10 @@ def main() -> None:
                                   "--rank", str(args.rank)], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(model, variant)] = r
-            print(f"{model:>6} {variant:>6}: {r['ms_per_step']:8.1f} ms/step  peak {r['peak_rss_mb']:7.0f} MB  "
+            print(f"{model:>6} {variant:>6} r={r['rank']}: {r['ms_per_step']:8.1f} ms/step  peak {r['peak_rss_mb']:7.0f} MB  "
                   f"trainable {r['trainable']:>10,}  optimizer state {r['optimizer_state_bytes'] / 1e6:8.2f} MB")
-    summary = {"bench": "train_step", "rank": args.rank, "steps": args.steps}
+    summary = {"bench": "train_step", "rank_requested": args.rank, "steps": args.steps,
+               "warm_up_steps": 2}  # every variant: two untimed steps, then the median of the rest
     for model in args.models.split(","):
         q, lo, pe = (results[(model, v)] for v in VARIANTS)
         ratios = {
@@ -143,10 +144,11 @@ def main() -> None:
             "peak_vs_peft": q["peak_rss_mb"] / pe["peak_rss_mb"],
             "optimizer_state_vs_lora": q["optimizer_state_bytes"] / lo["optimizer_state_bytes"],
         }
-        print(f"{model}: QR-LoRA step {ratios['step_vs_lora']:.2f}x our LoRA, {ratios['step_vs_peft']:.2f}x PEFT; "
+        print(f"{model} (r = {q['rank']}): QR-LoRA step {ratios['step_vs_lora']:.2f}x our LoRA, {ratios['step_vs_peft']:.2f}x PEFT; "
               f"peak memory {ratios['peak_vs_lora']:.2f}x / {ratios['peak_vs_peft']:.2f}x; "
               f"optimizer state {ratios['optimizer_state_vs_lora']:.3f}x")
-        summary[model] = {**{k: round(v, 3) for k, v in ratios.items()},
+        summary[model] = {"rank": q["rank"],  # the rank really run (the tiny model is capped at 4)
+                          **{k: round(v, 3) for k, v in ratios.items()},
                           **{f"{v}_ms": round(results[(model, v)]["ms_per_step"], 1) for v in VARIANTS}}
     print(json.dumps(summary))
 
