@@ -198,12 +198,17 @@ class UI:
         self.page, self.webui, self.results, self.shots = page, webui, results, shots
         self.infotext = ""
 
-    def screenshot(self, locator, name: str) -> str:
+    def screenshot(self, locator, name: str, max_height: int | None = None) -> str:
         if not self.shots:
             return ""
         os.makedirs(self.shots, exist_ok=True)
         path = os.path.join(self.shots, name)
-        locator.screenshot(path=path)
+        locator.scroll_into_view_if_needed()
+        box = locator.bounding_box()  # in the viewport, which is where clip measures too
+        if max_height and box and box["height"] > max_height:
+            self.page.screenshot(path=path, clip={**box, "height": max_height})
+        else:
+            locator.screenshot(path=path)
         return f"{name} ({shrink_png(path) // 1000} KB)"
 
     def prompt(self) -> str:
@@ -227,7 +232,7 @@ class UI:
         self.set_prompt("")
         card.locator(".name").click()
         prompt = self.prompt()
-        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-page.png")
+        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-page.png", 560)
         self.results.record("card", TAG in prompt, f"prompt after clicking the card: {prompt!r}; screenshot {shot}")
         self.set_prompt("")
 
@@ -371,7 +376,7 @@ class UI:
         self.page.wait_for_timeout(3000)
         folders = [t.strip() for t in self.page.locator("#txt2img_qr-lora_dirs button").all_inner_texts()]
         cards = self.page.locator("#txt2img_qr-lora_cards .card").evaluate_all("els => els.map(e => e.dataset.name)")
-        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-folders.png")
+        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-folders.png", 560)
         self.results.record("card-folders", not any("basis" in f for f in folders) and cards == ["dog"],
                             f"after the basis was cached, refreshed page: folder buttons {folders}, "
                             f"cards {cards}; screenshot {shot}")

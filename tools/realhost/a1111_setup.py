@@ -95,6 +95,8 @@ def prepare_repositories(webui: str, git_dirs: dict[str, str]) -> None:
         os.makedirs(dest, exist_ok=True)
         paths = PINNED[name][2] or []
         if name in git_dirs:
+            # a mirror that lacks large asset blobs outside ``paths`` makes git print "invalid
+            # object" for them; the archive of ``paths`` is still complete (exit status 0)
             archive = subprocess.run(["git", "-C", git_dirs[name], "archive", commit, *paths],
                                      check=True, stdout=subprocess.PIPE).stdout
             subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
