@@ -107,7 +107,8 @@ class WebUI:
                 raise RuntimeError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-500:]}")
         print(f"[check] wrote {dog} and {exported} on {basis}", flush=True)
 
-    def start(self) -> float:
+    def start(self, log_name: str = "webui.log") -> float:
+        self.log_path = os.path.join(self.run_dir, log_name)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(self.work, "hf"))
         cmd = [os.path.join(self.work, "venv", "bin", "python"), "launch.py", "--skip-prepare-environment",
                "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
@@ -399,6 +400,51 @@ def check_restore(webui: WebUI, results: Results) -> None:
                    f"API: {TAG} vs <lora:exported:1>: max difference {same_as_lora} ({t3:.1f} s)")
 
 
+def check_api_steps(webui: WebUI, results: Results) -> Image.Image:
+    """The API steps of the first (API-only) record, rerun: listing, λ = 0.5 against the exported
+    LoRA, cancelling with the negated LoRA, unknown names and options, refresh. Returns the
+    ``<qrlora:dog:1>`` image for the restart check."""
+    listed = webui.get("/sdapi/v1/qrloras")
+    dog = next((e for e in listed if e.get("name") == "dog"), None)
+    results.record("api-list", dog is not None and dog.get("arch") == "sdxl" and str(dog.get("rank")) == "4",
+                   "GET /sdapi/v1/qrloras: " + (f"dog, arch {dog.get('arch')}, rank {dog.get('rank')}, "
+                                                f"basis {dog.get('basis_id')}" if dog else f"no dog in {listed!r:.200}"))
+    plain, _, _ = webui.txt2img(PROMPT)
+    tagged, _, _ = webui.txt2img(f"{PROMPT} {TAG}")
+
+    def same(check: str, a: str, b: Image.Image | str, console: str | None = None) -> None:
+        mark = len(webui.console())
+        image_a, _, seconds = webui.txt2img(f"{PROMPT} {a}")
+        image_b = b if isinstance(b, Image.Image) else webui.txt2img(f"{PROMPT} {b}")[0]
+        peak, _ = pixel_difference(image_a, image_b)
+        said = console is None or console in webui.console()[mark:]
+        named = "the untagged image" if b is plain else ("the <qrlora:dog:1> image" if b is tagged else str(b))
+        results.record(check, peak == 0 and said, f"{a} vs {named}: max difference {peak} ({seconds:.1f} s)"
+                       + (f"; console {'says' if said else 'lacks'} {console!r}" if console else ""))
+
+    same("lambda-0.5", "<qrlora:dog:0.5>", "<lora:exported:0.5>")
+    same("cancel", f"{TAG} <lora:exported:-1>", plain)
+    same("unknown-name", "<qrlora:nosuchfile:1>", plain, "no such file")
+    same("unet-0", "<qrlora:dog:1:unet=0>", plain, "nothing to apply")
+    same("unknown-option", "<qrlora:dog:1:foo=3>", tagged, "unknown option foo=3 ignored")
+    request = urllib.request.Request(webui.url + "/sdapi/v1/refresh-qrloras", b"", method="POST")
+    with urllib.request.urlopen(request, timeout=60) as r:
+        results.record("api-refresh", r.status == 200, f"POST /sdapi/v1/refresh-qrloras: {r.status}")
+    return tagged
+
+
+def check_restart(webui: WebUI, results: Results, tagged: Image.Image) -> None:
+    """Restarted with the basis in the cache: no basis computation, the same image."""
+    webui.stop()
+    seconds = webui.start("webui-restart.log")
+    image, _, _ = webui.txt2img(f"{PROMPT} {TAG}")
+    peak, _ = pixel_difference(image, tagged)
+    computed = "computing the rank" in webui.console()
+    results.record("restart", peak == 0 and not computed,
+                   f"restart ({seconds:.1f} s) with the basis cached: {TAG} max difference {peak} to the first "
+                   f"session's image; the console {'computes the basis again' if computed else 'computes no basis'}")
+
+
 def check_progress(webui: WebUI, results: Results) -> None:
     """The console's basis progress lines ("computing basis D/N layers") advance evenly: no
     step between reports (or from the start, or to the end) is over a quarter of the layers."""
@@ -548,8 +594,12 @@ def main(argv=None) -> int:
                 results.guarded(name, step)
             browser.close()
         results.guarded("restore", lambda: check_restore(webui, results))
+        tagged = []
+        results.guarded("api", lambda: tagged.append(check_api_steps(webui, results)))
         check_progress(webui, results)
         check_console(webui, results)
+        if tagged:
+            results.guarded("restart", lambda: check_restart(webui, results, tagged[0]))
     finally:
         webui.stop()
     check_cli(webui, args.qrlora_python, results)
