@@ -3,9 +3,9 @@
     /tmp/realhost/work/check-venv/bin/python tools/realhost/a1111_check.py \\
         --webui /tmp/realhost/a1111 --work /tmp/realhost/work --screenshots docs/img
 
-Needs what ``a1111_setup.py`` prepared (the WebUI's venv, the tiny SDXL, ``models/QRLoRA/dog``,
-``models/Lora/exported``) and runs under the setup's check venv (Playwright + Pillow), driving
-Debian's chromium. It starts the WebUI with its UI (``--api`` added, for pixel comparisons)
+Needs what ``a1111_setup.py`` prepared (the WebUI's venv, the tiny SDXL, the extension link)
+and runs under the setup's check venv (Playwright + Pillow), driving Debian's chromium. It
+writes ``models/QRLoRA/dog`` and ``models/Lora/exported`` with this project's current code, starts the WebUI with its UI (``--api`` added, for pixel comparisons)
 on 127.0.0.1 with a fresh settings file and an empty basis cache, runs every check, stops the
 WebUI, and writes ``WORK/run/results.json`` and ``results.md``. Exit status 0 when every check
 passed, 1 otherwise.
@@ -20,9 +20,14 @@ The checks (each recorded pass/fail with its evidence):
   hash points the tag at the file;
 - restore: through the API, tagged then untagged is bit-identical to the first untagged image,
   and ``<qrlora:dog:1>`` is bit-identical to the exported ``<lora:exported:1>``;
-- progress: the console's basis progress advances evenly;
-- cli-cache: ``qrlora import-official --base CKPT`` then ``qrlora export --base CKPT`` computes
-  the basis once;
+- card-folders: after the basis was cached, the card page offers no basis-cache folders;
+- api-list, lambda-0.5, cancel, unknown-name, unet-0, unknown-option, api-refresh: the steps of
+  the first (API-only) record, rerun: ``<qrlora:dog:0.5>`` equals ``<lora:exported:0.5>``, the
+  negated LoRA cancels the tag, an unknown name or ``unet=0`` leaves the image untouched;
+- progress: the console's basis progress advances evenly; console: no unexpected error block;
+- restart: restarted with the basis cached, nothing is recomputed and the image is the same;
+- cli-progress, cli-cache: ``qrlora import-official --base CKPT`` shows even progress, and then
+  ``qrlora export --base CKPT`` takes the basis from the cache instead of computing it again;
 - cli-metadata: ``import-official`` and ``fuse`` outputs carry ``ss_sd_model_name``.
 """
 
