@@ -11,7 +11,7 @@ import sys
 def main(argv=None) -> int:
     from qrlora.errors import UserError
 
-    from .pretrain import Recipe, pretrain
+    from .pretrain import Recipe, pretrain, reevaluate
 
     parser = argparse.ArgumentParser(prog="python -m trainer.lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,14 +19,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the SGM .safetensors to write (configs go into config/ beside it)")
     for f in dataclasses.fields(Recipe):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    e = sub.add_parser("evaluate", help="score a lab base again (recipe from its .json report) and update the report")
+    e.add_argument("checkpoint")
     args = parser.parse_args(argv)
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     try:
-        report = pretrain(args.out, recipe, say=lambda m: print(m, flush=True))
+        if args.command == "evaluate":
+            report = reevaluate(args.checkpoint)
+        else:
+            recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+            report = pretrain(args.out, recipe, say=lambda m: print(m, flush=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("heldout", "vocabulary_max_cosine", "total_seconds")}))
+    print(json.dumps({k: report[k] for k in ("heldout", "vocabulary_max_cosine", "train_seconds")}))
     return 0
 
 

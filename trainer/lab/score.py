@@ -3,7 +3,7 @@
 Each reading is the label plus a continuous score beside it, so a half-formed shape counts
 less than a clean one:
 - background: the border's median colour, nearest of ``world.BACKGROUNDS``;
-- foreground: pixels farther than ``FOREGROUND_DISTANCE`` from that background colour;
+- foreground: pixels farther than ``FOREGROUND_DISTANCE`` from the border's median colour;
 - colour: every foreground pixel votes for the nearest colour among the palette and its dark
   shades; score = the winner's share of the votes;
 - shape: every known shape is fitted to the foreground's bounding box (and nudged by half a
@@ -111,7 +111,9 @@ def read(image: torch.Tensor, shapes: Sequence[str] = world.SHAPES, patterns: Se
     background = bg_names[_nearest(bg_colour[None], bg_palette).item()]
 
     pixels = rgb.reshape(3, -1).T
-    mask = (pixels - bg_palette[bg_names.index(background)]).norm(dim=1) > FOREGROUND_DISTANCE
+    # Measured from the border's own colour, not the named background's: a generated
+    # background a little off its named colour must not turn into foreground.
+    mask = (pixels - bg_colour).norm(dim=1) > FOREGROUND_DISTANCE
     count = int(mask.sum())
     if count < MIN_FOREGROUND:
         return Reading(background, NONE, NONE, NONE, foreground=count)
