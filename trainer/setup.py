@@ -114,6 +114,8 @@ def check_resumed_basis(state_folder: str, basis: Basis) -> None:
     if not adapter or not os.path.isfile(adapter):
         return  # nothing saved beside the state to compare with (the state itself holds no basis)
     d = deltar.load(adapter)
+    if d.rank != basis.rank or any(n not in basis.q for n in d.names):
+        return  # another rank or layer set: the resume's own network check names both sides
     check = check_basis(d.names, d.sketch, d.basis_id, basis.q, basis.basis_id)
     if not check.ok:
         raise UserError(f"saving.resume: {state_folder} was trained on another basis than this run's: "
