@@ -55,7 +55,8 @@ class StepVerdict:
 
 def agree(status: RankStatus, rank: int, world: int, device) -> StepVerdict:
     """All-reduce one (world × 4) tensor: each rank fills its own row."""
-    table = torch.zeros(world, _ROW, dtype=torch.float64, device=device)
+    # on the device of the collective backend (NCCL needs CUDA); alone, on the CPU
+    table = torch.zeros(world, _ROW, dtype=torch.float64, device=device if world > 1 else "cpu")
     row = table[rank]
     if status.nonfinite_loss is not None:
         row[NONFINITE] = 1

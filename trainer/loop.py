@@ -377,20 +377,21 @@ class Trainer:
         path = os.path.join(self.cfg.training.output_dir, f"{name}.safetensors")
         self.accelerator.wait_for_everyone()
         written = None if self.is_main else path  # only the main process knows; the others go on alike
-        if self.is_main:
-            self.show_activity(f"saving {name}")
-            try:
+        try:
+            if self.is_main:
+                self.show_activity(f"saving {name}")
                 self.write_outputs(self.cfg.training.output_dir, name, final, state)
                 written = path
                 if self.save_failure is not None:
                     self.say(f"saved {path}: writing works again")
                     self.save_failure = None
-            except WRITE_ERRORS as e:
-                self.save_failure = f"{path}: {e}"
-                self.say(f"warning: could not save {path} ({e}); training goes on with its state in memory, and"
-                         " the next save tries again (at the end of the run, into a fallback folder if it must)")
+        except WRITE_ERRORS as e:
+            self.save_failure = f"{path}: {e}"
+            self.say(f"warning: could not save {path} ({e}); training goes on with its state in memory, and"
+                     " the next save tries again (at the end of the run, into a fallback folder if it must)")
+        finally:  # whatever happened here, every rank leaves the save together
             self.show_activity("steps")
-        self.accelerator.wait_for_everyone()
+            self.accelerator.wait_for_everyone()
         return written
 
     def write_outputs(self, folder: str, name: str, final: bool, state: bool | None) -> None:
