@@ -35,6 +35,23 @@ class ModelConfig:
     config_dir: str | None = option(PathT(), help="diffusers config folder used with a single file")
     tokenizer: str | None = option(PathT(), help="local tokenizer folder")
     vae: str | None = option(PathT(), help="a separate VAE file", kohya="vae")
+    # ---- FLUX files (brief H1a): what FLUX users have beside the transformer
+    ae: str | None = option(PathT(), help="FLUX: the autoencoder (ae.safetensors) when model.pretrained does not"
+                            " hold it", kohya="ae")
+    clip_l: str | None = option(PathT(), help="FLUX: the CLIP-L text encoder (clip_l.safetensors) when"
+                                " model.pretrained does not hold it", kohya="clip_l")
+    t5xxl: str | None = option(PathT(), help="FLUX: the T5-XXL text encoder (t5xxl_fp16.safetensors or"
+                               " t5xxl_fp8_e4m3fn.safetensors) when model.pretrained does not hold it", kohya="t5xxl")
+    t5_tokenizer: str | None = option(PathT(), help="FLUX: a local T5 tokenizer folder (tokenizer.json or"
+                                      " spiece.model, e.g. a diffusers FLUX model's tokenizer_2/); default: the"
+                                      " model folder's, else google/t5-v1_1-xxl from the Hugging Face cache")
+    basis: str | None = option(PathT(), help="FLUX: where the QR-LoRA basis comes from when the transformer is"
+                               " stored in fp8: a basis file (qrlora basis ... -o) or the 16-bit file of the"
+                               " same model")
+    fp8_base: bool = option(Bool(), False, help="FLUX: store the frozen transformer's linear weights as"
+                            " float8_e4m3fn, computed in the mixed-precision dtype (the basis is read from the"
+                            " 16-bit file before the cast)", kohya="fp8_base")
+    # ---- end FLUX files
 
 
 @dataclass(frozen=True)
@@ -438,7 +455,7 @@ def _finish(s: dict, dataset: dc.DatasetConfig, path: str, ctx: Context, warning
             err(f"model.pretrained: {m.pretrained} is not a .safetensors file (.ckpt is not supported)")
         _exists(ctx, "model.pretrained", m.pretrained)
     if check_paths:
-        for key in ("config_dir", "tokenizer", "vae"):
+        for key in ("config_dir", "tokenizer", "vae", "ae", "clip_l", "t5xxl", "t5_tokenizer", "basis"):  # FLUX files: H1a
             _exists(ctx, f"model.{key}", getattr(m, key))
 
     # [network]
