@@ -222,15 +222,8 @@ class _Reader:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.ckpt.shape(self.source.prefix + k) for k in self.keys}
 
-    def dtype_name(self, key: str) -> str:
-        return self.ckpt.dtype_name(self.source.prefix + key)
-
     def tensor(self, key: str) -> torch.Tensor:
         return self.ckpt.tensor(self.source.prefix + key)
-
-
-def _is_fp8(reader: _Reader, keys) -> bool:
-    return any(reader.dtype_name(k) in FP8_DTYPES for k in keys if k in reader)
 
 
 # ----------------------------------------------------------------- configs
