@@ -192,8 +192,44 @@ class LoggingConfig:
     log_prefix: str | None = option(Str(), help="prefix of the TensorBoard run name", kohya="log_prefix")
 
 
+# ---- [flux]: the FLUX objective (brief H1b); kohya's flux_train_network.py names and defaults
+@dataclass(frozen=True)
+class FluxConfig:
+    """Read only when the model is FLUX.1 (rectified flow); ignored for SDXL."""
+
+    timestep_sampling: str = option(Enum("sigma", "uniform", "sigmoid", "shift", "flux_shift"), "sigma",
+                                    help="how noise levels are drawn: sigma = the discrete schedule shifted by"
+                                         " discrete_flow_shift; uniform; sigmoid of a normal; shift = sigmoid then"
+                                         " discrete_flow_shift; flux_shift = sigmoid then FLUX.1-dev's"
+                                         " resolution-dependent shift", kohya="timestep_sampling")
+    sigmoid_scale: float = option(Float(min=0, min_open=True), 1.0, help="scale of the normal draw of sigmoid,"
+                                  " shift and flux_shift", kohya="sigmoid_scale")
+    discrete_flow_shift: float = option(Float(min=0, min_open=True), 3.0, help="shift of timestep_sampling ="
+                                        " sigma or shift", kohya="discrete_flow_shift")
+    model_prediction_type: str = option(Enum("raw", "additive", "sigma_scaled"), "raw",
+                                        help="what the output is compared with the velocity target as: raw,"
+                                             " additive (+ noisy input), sigma_scaled (noisy input - sigma x output)."
+                                             " Default raw, as kohya's guide recommends (kohya's default is"
+                                             " sigma_scaled)", kohya="model_prediction_type")
+    guidance_scale: float | None = option(Float(min=0), help="the guidance value fed to FLUX.1-dev's guidance"
+                                          " embedding while training; default 3.5 (kohya's); schnell has no"
+                                          " guidance embedding and ignores it", kohya="guidance_scale")
+    t5xxl_max_token_length: int | None = option(Int(min=1), help="T5 tokens per caption; default 512 for dev,"
+                                                " 256 for schnell", kohya="t5xxl_max_token_length")
+    apply_t5_attn_mask: bool = option(Bool(), False, help="mask T5's padding in T5 itself and in the"
+                                      " transformer's attention", kohya="apply_t5_attn_mask")
+    offload_text_encoders: bool = option(Bool(), False, help="keep CLIP-L and T5 in CPU memory and run them there;"
+                                         " the transformer and VAE alone use the GPU (with"
+                                         " training.cache_text_encoder_outputs they run once, before training)")
+    sample_guidance_scale: float = option(Float(min=0), 3.5, help="guidance embedding value of the samples of a"
+                                          " prompt without --g (dev); the CFG scale (--l) stays off at 1.0 unless"
+                                          " a prompt sets it")
+# ---- end [flux]
+
+
 SECTIONS = {"model": ModelConfig, "network": NetworkConfig, "training": TrainingConfig,
-            "sampling": SamplingConfig, "saving": SavingConfig, "logging": LoggingConfig}
+            "sampling": SamplingConfig, "saving": SavingConfig, "logging": LoggingConfig,
+            "flux": FluxConfig}
 # Top-level keys that say where the dataset is: kohya's own argument names.
 SOURCES = Schema([
     Field("dataset_config", PathT(), help="a kohya dataset TOML/JSON file, used unchanged (its relative paths are"
@@ -256,6 +292,7 @@ class Config:
     sampling: SamplingConfig
     saving: SavingConfig
     logging: LoggingConfig
+    flux: FluxConfig
     dataset: dc.DatasetConfig
     source: str  # the config file
     warnings: tuple[str, ...] = ()  # config-level; dataset warnings end up in DatasetPlan.warnings
@@ -434,7 +471,7 @@ def _load_folders(raw: dict, keys: list[str], inline: dict, overrides: list[str]
 def _finish(s: dict, dataset: dc.DatasetConfig, path: str, ctx: Context, warnings: list[str],
             check_paths: bool) -> dict:
     """Fill derived defaults and check what one field alone cannot."""
-    m, n, t, smp, sv, lg = (s[k] for k in SECTIONS)
+    m, n, t, smp, sv, lg = (s[k] for k in ("model", "network", "training", "sampling", "saving", "logging"))
     err = ctx.errors.append
     rep = dataclasses.replace
 
@@ -520,7 +557,7 @@ def _finish(s: dict, dataset: dc.DatasetConfig, path: str, ctx: Context, warning
         lg = rep(lg, log_with="tensorboard" if lg.logging_dir else "none")
     elif lg.log_with == "tensorboard" and not lg.logging_dir:
         err("logging.log_with = 'tensorboard' needs logging.logging_dir")
-    return {"model": m, "network": n, "training": t, "sampling": smp, "saving": sv, "logging": lg}
+    return {"model": m, "network": n, "training": t, "sampling": smp, "saving": sv, "logging": lg, "flux": s["flux"]}
 
 
 def _exists(ctx: Context, key: str, path: str | None, want_file: bool = False) -> None:

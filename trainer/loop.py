@@ -93,6 +93,8 @@ class Trainer:
         for warning in list(cfg.warnings) + list(self.plan.warnings) + checked:
             self.say(f"warning: {warning}")
         self.family, self.models = setup.load_models(cfg, self.device)
+        for warning in self.models.warnings:
+            self.say(f"warning: {warning}")
         self.threads = self.choose_threads()
         self.inputs = setup.input_record(cfg, self.models)  # what decides the result: printed and saved
         self.say(setup.describe_inputs(cfg, self.models))
@@ -183,6 +185,12 @@ class Trainer:
                     out = fam.encode_prompts(models, chunk)
                 for k, caption in enumerate(chunk):
                     cache.put(cache.key_for(caption), {name: v[k].cpu() for name, v in out.items()})
+            if fam.frees_text_encoders and not self.te_names:
+                from trainer.sampling import prompts_of
+
+                keep = [text for p in prompts_of(self.cfg) for text in (p.prompt, p.negative_prompt or "")]
+                fam.release_text_encoders(models, keep)
+                self.say(f"text encoders freed after caching ({len(set(keep))} sample prompts kept)")
 
     # ----------------------------------------------------------------- one step
     def autocast(self):
@@ -496,6 +504,7 @@ class Trainer:
             "modelspec.resolution": f"{width}x{height}",
             "ss_training_comment": m.description or "",
             "qrlora.trainer_config": json.dumps(checkpoint.shareable_paths(cfg.to_dict(), base)),
+            **self.family.metadata(self.models, cfg),
             **self.inputs,
         }
         for key in ("title", "author", "description", "license", "trigger_phrase"):

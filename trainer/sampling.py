@@ -31,12 +31,14 @@ def sample_images(trainer, tag: str) -> list[str]:
     for prompt in prompts_of(cfg):
         if prompt.unknown:
             trainer.say(f"warning: sample prompt {prompt.index + 1}: options not understood: {', '.join(prompt.unknown)}")
-        p = prompt.with_defaults(negative_prompt="", width=s.width or first[0], height=s.height or first[1],
-                                 seed=cfg.training.seed + prompt.index, steps=s.steps, scale=s.guidance_scale,
-                                 sampler=s.sample_sampler)
+        defaults = dict(negative_prompt="", width=s.width or first[0], height=s.height or first[1],
+                        seed=cfg.training.seed + prompt.index, steps=s.steps, scale=s.guidance_scale,
+                        sampler=s.sample_sampler)
+        defaults.update(trainer.family.sample_defaults(trainer.models))  # FLUX: no CFG unless --l
+        p = prompt.with_defaults(**defaults)
         with torch.no_grad():
             image = trainer.family.sample(trainer.models, p.prompt, p.negative_prompt, p.width, p.height, p.steps,
-                                          p.scale, p.seed, p.sampler)
+                                          p.scale, p.seed, p.sampler, extra=p.extra)
         path = os.path.join(folder, f"{trainer.output_name()}_{tag}_{prompt.index:02d}_{p.seed}.png")
         image.save(path)
         paths.append(path)

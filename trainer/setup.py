@@ -59,7 +59,7 @@ def select_targets(cfg: Config, family: ModelFamily, all_targets: list[Target], 
 
 def load_models(cfg: Config, device: torch.device) -> tuple[ModelFamily, Models]:
     family = family_for(cfg)
-    models = family.load(cfg.model, device, WEIGHT_DTYPES[cfg.training.mixed_precision])
+    models = family.load(cfg.model, device, WEIGHT_DTYPES[cfg.training.mixed_precision], network=cfg.network)
     for module in [models.denoiser, models.vae, *models.text_encoders]:
         module.requires_grad_(False)
     models.vae.eval()
@@ -68,6 +68,7 @@ def load_models(cfg: Config, device: torch.device) -> tuple[ModelFamily, Models]
     models.denoiser.train()  # diffusers' gradient checkpointing only runs in training mode
     if cfg.training.gradient_checkpointing and hasattr(models.denoiser, "enable_gradient_checkpointing"):
         models.denoiser.enable_gradient_checkpointing()
+    models.warnings = family.configure(models, cfg)  # the family's own options (FLUX's [flux] objective)
     return family, models
 
 

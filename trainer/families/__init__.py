@@ -46,6 +46,7 @@ class Models:
     tokenizer_source: str = ""  # which tokenizer, with its digest (printed, recorded, part of text-cache keys)
     tokenizer: Any = None  # trainer.tokenizers.TokenizerChoice: kind, source, digest
     info: dict[str, Any] = field(default_factory=dict)  # family-private (readers, configs, ...)
+    warnings: list[str] = field(default_factory=list)  # what ``ModelFamily.configure`` found, printed at start
 
 
 class ModelFamily(abc.ABC):
@@ -54,6 +55,9 @@ class ModelFamily(abc.ABC):
     name: str = ""  # "sdxl"; also the qrlora.archs architecture name
     builtin_models: tuple[str, ...] = ()  # names usable as "builtin:<name>"
     samplers: tuple[str, ...] = ()  # sampler names ``sample`` accepts (checked before training)
+    # True: once the captions are cached (and the encoders are not trained) the text encoders
+    # are dropped, the sample prompts' outputs kept (FLUX's T5-XXL alone is ~9.5 GB)
+    frees_text_encoders: bool = False
 
     # ----------------------------------------------------------------- loading
     @abc.abstractmethod
@@ -61,9 +65,10 @@ class ModelFamily(abc.ABC):
         """True if ``model.pretrained`` (builtin name, single file or folder) is this family."""
 
     @abc.abstractmethod
-    def load(self, model_cfg: Any, device: str | torch.device, weight_dtype: torch.dtype) -> Models:
+    def load(self, model_cfg: Any, device: str | torch.device, weight_dtype: torch.dtype, network: Any = None) -> Models:
         """Load the base model. ``model_cfg`` has ``pretrained`` and optional ``config_dir``,
-        ``tokenizer``, ``vae``; nothing is ever downloaded."""
+        ``tokenizer``, ``vae``; nothing is ever downloaded. ``network`` (the run's [network],
+        or None): what the run will train, for a loader whose needs depend on it (FLUX's basis)."""
 
     # ----------------------------------------------------------------- layers
     @abc.abstractmethod
@@ -86,9 +91,14 @@ class ModelFamily(abc.ABC):
         """Text conditioning for a batch of captions (tensors with a leading batch axis, so they
         can be cached and concatenated). ``with_grad``: the text encoders are being trained."""
 
-    @abc.abstractmethod
     def encode_images(self, models: Models, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, H, W) pixels in [-1, 1] -> the latents the denoiser is trained on (float32)."""
+        """(B, 3, H, W) pixels in [-1, 1] -> the latents the denoiser is trained on (float32): a
+        VAE sample, (x - shift_factor) x scaling_factor (SDXL's VAE has no shift)."""
+        vae = models.vae
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
 
     @abc.abstractmethod
     def training_loss(
@@ -116,8 +126,42 @@ class ModelFamily(abc.ABC):
         guidance_scale: float = 7.5,
         seed: int | None = None,
         sampler: str = "euler_a",
+        extra: dict[str, str] | None = None,
     ):
-        """One image (PIL.Image) for a prompt, with the adapters currently applied."""
+        """One image (PIL.Image) for a prompt, with the adapters currently applied. ``extra``:
+        the prompt's other kohya flags (``--g`` FLUX guidance, ...), for the families that use them."""
+
+    # ----------------------------------------------------------------- per-run hooks
+    def configure(self, models: Models, cfg: Any) -> list[str]:
+        """Adopt the run's config (objective options of the family's own section); returns warnings."""
+        return []
+
+    def metadata(self, models: Models, cfg: Any) -> dict[str, str]:
+        """Family-specific keys for the saved files' metadata (kohya's ``ss_*``, modelspec)."""
+        return {}
+
+    def sample_defaults(self, models: Models) -> dict[str, Any]:
+        """Sample-prompt defaults that differ from the [sampling] section's (SamplePrompt fields)."""
+        return {}
+
+    def release_text_encoders(self, models: Models, keep: Sequence[str]) -> None:
+        """Encode the captions in ``keep`` (the sample prompts), keep their outputs, and drop the
+        text encoders; ``encode_prompts`` then answers from what was kept."""
+        kept = {}
+        for caption in dict.fromkeys(keep):
+            with torch.no_grad():
+                kept[caption] = {k: v.cpu() for k, v in self.encode_prompts(models, [caption]).items()}
+        models.info["kept_prompts"] = kept
+        models.text_encoders = []
+        if models.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def kept_prompts(self, models: Models, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        kept = models.info["kept_prompts"]
+        missing = [c for c in captions if c not in kept]
+        if missing:
+            raise ValueError(f"the text encoders were freed after caching, and {missing[0]!r} was not encoded before")
+        return {k: torch.cat([kept[c][k] for c in captions]).to(models.device) for k in kept[captions[0]]}
 
     def default_size(self, models: Models) -> tuple[int, int]:
         """(width, height) the model was trained at; the sample size when a prompt names none."""
@@ -134,6 +178,7 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 def _load_builtin() -> None:
     from . import sdxl  # noqa: F401  (registers itself)
+    from . import flux  # noqa: F401  (registers itself)
 
 
 def family_names() -> list[str]:

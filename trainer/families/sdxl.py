@@ -103,7 +103,7 @@ class SDXLFamily(ModelFamily):
             return SDXL().detect(read_header(pretrained)[0].keys())
         return False
 
-    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype) -> Models:
+    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype, network: Any = None) -> Models:
         pretrained = model_cfg.pretrained
         config_dir = getattr(model_cfg, "config_dir", None)
         vae_path = getattr(model_cfg, "vae", None)
@@ -237,13 +237,6 @@ class SDXLFamily(ModelFamily):
             pooled = te2.text_projection(last.to(te2.text_projection.weight.dtype))
         return {"encoder_hidden_states": torch.cat([hidden1, hidden2.to(hidden1.dtype)], dim=-1), "text_embeds": pooled}
 
-    def encode_images(self, models: Models, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        vae = models.vae
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents.float() - shift) * vae.config.scaling_factor
-
     def vae_scale_factor(self, models: Models) -> int:
         return 2 ** (len(models.vae.config.block_out_channels) - 1)
 
@@ -290,7 +283,7 @@ class SDXLFamily(ModelFamily):
         return size, size
 
     def sample(self, models, prompt, negative_prompt="", width=None, height=None, steps=30, guidance_scale=7.5,
-               seed=None, sampler="euler_a"):
+               seed=None, sampler="euler_a", extra=None):
         import diffusers
         from PIL import Image
 
