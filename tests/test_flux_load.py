@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from qrlora.errors import UserError
 from qrlora.tiny.flux import build_components
-from trainer.families.flux_load import FluxParts, Fp8Linear, load_flux, tiny_t5_tokenizer
+from trainer.families.flux_load import FluxParts, Fp8Linear, load_flux
+from trainer.families.flux_tokenizers import tiny_t5_tokenizer
 
 COMPONENTS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 

@@ -23,7 +23,8 @@ The QR-LoRA basis needs the 16-bit weights as stored: ``base_weight`` reads them
 file (never from the loaded, possibly cast, module), and a transformer stored only in fp8
 needs ``model.basis`` (a basis file, or the 16-bit file of the same model). ``fp8_base``
 stores the frozen transformer's Linear weights as float8_e4m3fn and upcasts each one per
-call to the input's dtype (kohya's fp8_base: storage-only fp8, computed in bf16).
+call to the input's dtype (kohya's fp8_base: storage-only fp8, computed in bf16). Tokenizers:
+CLIP-L's as for SDXL, T5's from ``trainer.families.flux_tokenizers``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ VAE_PREFIXES = ("vae.", "first_stage_model.")
 CLIP_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-# The tokenizer FLUX's T5-XXL was trained with (what kohya downloads); read from the
-# Hugging Face cache only if it is already there.
-T5_TOKENIZER_HUB_ID = "google/t5-v1_1-xxl"
 
 # black-forest-labs/FLUX.1-dev vae/config.json
 FLUX_AE = dict(
@@ -105,29 +103,30 @@ def _opt(model_cfg, name: str) -> str | None:
 
 
 def tiny_model() -> tuple[str, str, dict[str, str]]:
-    """(transformer file, config dir, {vae, clip_l, t5}) of the built-in tiny FLUX, written once."""
+    """(transformer file, config dir, {vae, clip_l, t5}) of the built-in tiny FLUX, written once
+    into the cache (renamed into place whole, so other ranks see all of it or nothing)."""
+    import shutil
+    import tempfile
+
     from qrlora.tiny import make_tiny
     from qrlora.tiny.flux import CHECKPOINT, CLIP_FILE, T5_FILE, VAE_FILE
 
     folder = cache_root("tiny", "flux-seed0")
-    files = {"vae": VAE_FILE, "clip_l": CLIP_FILE, "t5": T5_FILE}
-    configs = os.path.join(folder, "config")
-    if not os.path.isfile(os.path.join(configs, "text_encoder_2", "config.json")):
-        import shutil
-        import tempfile
-
+    done = os.path.join(folder, "config", "text_encoder_2", "config.json")
+    if not os.path.isfile(done):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp-")
         try:
             make_tiny("flux", tmp, seed=0)
             try:
-                os.rename(tmp, folder)  # atomic: other ranks see all of it or nothing
+                os.rename(tmp, folder)
             except OSError:
-                if not os.path.isfile(os.path.join(configs, "text_encoder_2", "config.json")):
+                if not os.path.isfile(done):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return os.path.join(folder, CHECKPOINT), configs, {k: os.path.join(folder, v) for k, v in files.items()}
+    files = {"vae": VAE_FILE, "clip_l": CLIP_FILE, "t5": T5_FILE}
+    return os.path.join(folder, CHECKPOINT), os.path.join(folder, "config"), {k: os.path.join(folder, v) for k, v in files.items()}
 
 
 def is_diffusers_flux(folder: str) -> bool:
@@ -417,12 +416,16 @@ def _component_tensors(source: _Source, ignored=()) -> dict[str, torch.Tensor]:
     return out
 
 
+def _from_folder(cls, path: str, device, dtype):
+    return cls.from_pretrained(path, local_files_only=True).to(device, dtype).requires_grad_(False).eval()
+
+
 def load_vae(source: _Source, config_dir: str | None, device, dtype):
     from diffusers import AutoencoderKL
 
     what = f"{source.option} {source.path}"
     if source.folder:
-        return AutoencoderKL.from_pretrained(source.path, local_files_only=True).to(device, dtype).requires_grad_(False).eval()
+        return _from_folder(AutoencoderKL, source.path, device, dtype)
     config = vae_config(config_dir)
     tensors = _component_tensors(source)
     if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in tensors):
@@ -436,7 +439,7 @@ def load_clip(source: _Source, config_dir: str | None, device, dtype):
     from transformers import CLIPTextModel
 
     if source.folder:
-        return CLIPTextModel.from_pretrained(source.path, local_files_only=True).to(device, dtype).requires_grad_(False).eval()
+        return _from_folder(CLIPTextModel, source.path, device, dtype)
     with L._empty():
         module = CLIPTextModel(clip_config(config_dir))
     tensors = L.fit_text_model_prefix(_component_tensors(source, CLIP_IGNORED), module)
@@ -447,7 +450,7 @@ def load_t5(source: _Source, config_dir: str | None, device, dtype):
     from transformers import T5EncoderModel
 
     if source.folder:
-        return T5EncoderModel.from_pretrained(source.path, local_files_only=True).to(device, dtype).requires_grad_(False).eval()
+        return _from_folder(T5EncoderModel, source.path, device, dtype)
     tensors = _component_tensors(source)
     # Released T5 files store the token embedding once; the model ties two names to it.
     for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):
@@ -456,73 +459,6 @@ def load_t5(source: _Source, config_dir: str | None, device, dtype):
     with L._empty():
         module = T5EncoderModel(t5_config({k: tuple(v.shape) for k, v in tensors.items()}, config_dir))
     return L.fill(module, tensors, f"{source.option} {source.path}", dtype, device)
-
-
-# ----------------------------------------------------------------- tokenizers
-def tiny_t5_tokenizer():
-    """A small T5-style unigram tokenizer for the built-in tiny FLUX, built in code on every
-    call (never downloaded, never cached): T5's special ids (pad 0, </s> 1, <unk> 2), the
-    tiny CLIP BPE's caption words, letters and digits; every id below T5's 32,128."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    from ..tokenizers import _TINY_WORDS
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    seen = {v[0] for v in vocab}
-    singles = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()"
-    pieces = [("▁" + w, -4.0) for w in _TINY_WORDS] + [(c, -9.0) for c in singles] + [("▁" + c, -8.0) for c in singles]
-    for piece, score in pieces:
-        if piece not in seen:
-            seen.add(piece)
-            vocab.append((piece, score))
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                                                       special_tokens=[("</s>", 1)])
-    import hashlib
-
-    digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
-    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
-                         model_max_length=512)
-    return t5, f"the tiny model's own T5-style unigram (sha256 {digest[:16]})"
-
-
-def load_t5_tokenizer(t5_tokenizer_dir: str | None, model_dir: str | None, builtin: bool):
-    """(tokenizer, description): ``model.t5_tokenizer``, the diffusers folder's ``tokenizer_2``,
-    the tiny model's own, or T5 v1.1's from the Hugging Face cache (offline); else an error."""
-    from transformers import T5TokenizerFast
-
-    from ..tokenizers import folder_digest, is_tokenizer_folder
-
-    def from_folder(folder: str, kind: str):
-        tok = T5TokenizerFast.from_pretrained(folder, local_files_only=True)
-        return tok, f"{kind} {folder} (sha256 {folder_digest([folder])[:16]})"
-
-    if t5_tokenizer_dir:
-        if not (os.path.isdir(t5_tokenizer_dir) and (is_tokenizer_folder(t5_tokenizer_dir)
-                                                     or os.path.isfile(os.path.join(t5_tokenizer_dir, "spiece.model")))):
-            raise UserError(f"model.t5_tokenizer: {t5_tokenizer_dir} is not a T5 tokenizer folder "
-                              "(tokenizer.json or spiece.model)")
-        return from_folder(t5_tokenizer_dir, "model.t5_tokenizer")
-    if model_dir and is_tokenizer_folder(os.path.join(model_dir, "tokenizer_2")):
-        return from_folder(os.path.join(model_dir, "tokenizer_2"), "model folder")
-    if builtin:
-        return tiny_t5_tokenizer()
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(T5_TOKENIZER_HUB_ID, local_files_only=True)
-        if is_tokenizer_folder(folder) or os.path.isfile(os.path.join(folder, "spiece.model")):
-            return from_folder(folder, "Hugging Face cache")
-    except Exception:  # not cached (or no huggingface_hub): fall through to the message
-        pass
-    raise UserError(
-        "model.t5_tokenizer: no T5 tokenizer available offline; set model.t5_tokenizer to a local folder with "
-        f"{T5_TOKENIZER_HUB_ID}'s tokenizer (tokenizer.json or spiece.model, e.g. a diffusers FLUX model's tokenizer_2/)"
-    )
 
 
 # ----------------------------------------------------------------- the basis weights
@@ -616,6 +552,7 @@ def load_flux(model_cfg, device, weight_dtype: torch.dtype, *, fp8_base: bool = 
     are fp8 only and no ``model.basis`` is given; ``rank`` goes into that message's command."""
     from ..cache import weights_identity
     from ..tokenizers import EOS, resolve_clip_tokenizers
+    from .flux_tokenizers import load_t5_tokenizer
 
     device = torch.device(device)
     fp8_base = bool(fp8_base or getattr(model_cfg, "fp8_base", False))
