@@ -135,9 +135,11 @@ def basis_from_checkpoint(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> Basis:
-    """Compute the basis of an original-layout single-file checkpoint (weights read lazily)."""
-    ckpt = SafetensorsFile(path)
+    """Compute the basis of an original-layout single-file checkpoint (weights read lazily),
+    or of a diffusers model folder read in that layout."""
+    ckpt = archs.open_model(path)
     a, spec, chosen = checkpoint_targets(ckpt, targets, arch)
+    refuse_8bit_weights(ckpt, a, chosen, rank)
 
     def load(t: Target) -> torch.Tensor:
         w = ckpt.tensor(t.key)
@@ -145,8 +147,20 @@ def basis_from_checkpoint(
 
     q, bid = compute_basis(load, chosen, a.name, rank, device=device, progress=progress)
     dtypes = sorted({ckpt.dtype_name(t.key) for t in chosen})
-    source = {"base_model": os.path.basename(path), "weight_dtype": ",".join(dtypes)}
+    source = {"base_model": os.path.basename(os.path.normpath(path)), "weight_dtype": ",".join(dtypes)}
     return Basis(a.name, rank, chosen, q, bid, spec if isinstance(spec, str) else list(spec), source)
+
+
+def refuse_8bit_weights(ckpt, a: archs.Architecture, chosen: Sequence[Target], rank: int) -> None:
+    """A basis is made from the 16-bit weights ΔR files are trained against: fp8 storage rounds
+    them (Q would differ by several percent), so an fp8 file is refused, naming the way out."""
+    stored = sorted({ckpt.dtype_name(t.key) for t in chosen if ckpt.dtype_name(t.key).startswith("F8")})
+    if stored:
+        raise FileFormatError(
+            f"{ckpt.path}: the {a.title} weights are stored in {stored[0]} (8-bit), which rounds away the 16-bit"
+            f" weights a basis is defined on; make the basis once from the bf16/fp16 file of the same model"
+            f" (qrlora basis flux1-dev.safetensors --rank {rank} -o basis-r{rank}.safetensors) and give that"
+            " basis file wherever this fp8 model is used")
 
 
 def checkpoint_targets(ckpt: SafetensorsFile, targets, arch: str | None):
@@ -336,7 +350,15 @@ def content_fingerprint(ckpt: SafetensorsFile, targets: Sequence[Target]) -> str
     dtypes, shapes, offsets, metadata) and SAMPLE_BYTES from the start and the middle of every
     target weight. A checkpoint replaced under the same path, size and mtime (``cp -p``), a
     fine-tune or a merged LoRA (both change every element of a weight they touch) all change
-    it; the full identity, every byte of every target, is the basis id."""
+    it; the full identity, every byte of every target, is the basis id. A diffusers folder:
+    the same over each file holding the targets' parts."""
+    if not isinstance(ckpt, SafetensorsFile):
+        parts = ckpt.files_and_keys([t.key for t in targets])
+        h = hashlib.sha256()
+        for shard_path in sorted(parts):
+            shard, keys = parts[shard_path]
+            h.update(content_fingerprint(shard, [Target(k, k, None, (0, 0)) for k in keys]).encode())
+        return h.hexdigest()
     spans = {}
     for t in targets:
         start, stop = ckpt.header[t.key]["data_offsets"]
@@ -375,7 +397,7 @@ class BasisCache:
     def key(checkpoint: str, rank: int, targets=None, arch: str | None = None) -> str:
         """The entry key of a request: the checkpoint's contents, rank, architecture and the
         selected layers (reads the header and a few bytes per layer; usable without a folder)."""
-        ckpt = SafetensorsFile(checkpoint)
+        ckpt = archs.open_model(checkpoint)
         a, _, chosen = checkpoint_targets(ckpt, targets, arch)
         request = [ENTRY_VERSION, content_fingerprint(ckpt, chosen), rank, a.name, [t.name for t in chosen]]
         return hashlib.sha256(json.dumps(request).encode()).hexdigest()[:32]

@@ -89,6 +89,70 @@ class SafetensorsFile:
         self.close()
 
 
+class SafetensorsShards:
+    """The safetensors files of one diffusers component folder, read as one file: either
+    ``*.safetensors.index.json`` (sharded: its ``weight_map`` names the files) or the folder's
+    single ``*.safetensors``. Same reading interface as ``SafetensorsFile``."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = os.fspath(folder)
+        self.files = [SafetensorsFile(p) for p in component_files(self.path)]
+        self._file_of: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for key in f.keys:
+                if key in self._file_of:
+                    raise FileFormatError(f"{self.path}: tensor {key!r} is in both {self._file_of[key].path} and {f.path}")
+                self._file_of[key] = f
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def file_of(self, key: str) -> SafetensorsFile:
+        if key not in self._file_of:
+            raise FileFormatError(f"{self.path}: no tensor {key!r}")
+        return self._file_of[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file_of(key).shape(key)
+
+    def dtype_name(self, key: str) -> str:
+        return self.file_of(key).dtype_name(key)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.shape(k) for k, f in self._file_of.items()}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.file_of(key).tensor(key)
+
+
+def component_files(folder: str) -> list[str]:
+    """The weight files of a diffusers component folder (``transformer/``, ``unet/``): the
+    shards its index names, else its one ``.safetensors`` file. Pickled ``.bin`` weights are
+    never read; a folder with only those is refused by name."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise FileFormatError(f"{folder}: cannot read the folder: {e.strerror or e}") from None
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) == 1:
+        index = os.path.join(folder, indexes[0])
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise FileFormatError(f"{index}: not a safetensors index (no weight_map of tensor -> file)") from None
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise FileFormatError(f"{index}: names {missing[0]}, which is not in the folder (an incomplete download?)")
+        return [os.path.join(folder, s) for s in shards]
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if len(indexes) > 1 or len(weights) != 1:
+        found = ", ".join(indexes + weights) or "no .safetensors file"
+        raise FileFormatError(f"{folder}: expected one .safetensors file or one .safetensors.index.json, found {found}")
+    return [os.path.join(folder, weights[0])]
+
+
 def read_header(path: str) -> tuple[dict, dict[str, str], int]:
     """(tensor header, metadata, offset of tensor data); raises FileFormatError."""
     try:

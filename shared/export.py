@@ -57,6 +57,9 @@ def kohya_state_dict(
         full_out[module] = out_f
     tensors: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():
+        # slices in row order, so each slice's columns sit on the diagonal: loaders that split a
+        # fused module (diffusers' kohya FLUX converter) see the block structure and keep rank r
+        parts.sort(key=lambda part: part[1] or (0, 0))
         if len(parts) == 1 and parts[0][1] is None:
             up, down = ups[parts[0][0]], downs[parts[0][0]]
         else:

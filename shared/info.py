@@ -7,6 +7,7 @@ import os
 from . import archs
 from .basis import parse_layers
 from .checkpoint import _ITEMSIZE, SafetensorsFile
+from .errors import UserError
 from .qr import masked_parameter_count
 from .similarity import LORA_PAIRS
 
@@ -29,6 +30,7 @@ def describe(path: str) -> dict:
             basis_id=meta.get("qrlora.basis_id"),
             format_version=meta.get("qrlora.format_version"),
         )
+        info.update(_structure(meta.get("qrlora.arch"), [t.name for t in layers]))
         if kind == "delta_r":
             mask = meta.get("qrlora.mask", "none")
             dr_dtype = f.dtype_name(f"{layers[0].name}.delta_r") if layers else "F16"
@@ -62,9 +64,19 @@ def describe(path: str) -> dict:
         a = archs.detect(f.keys)
         info.update(kind="checkpoint" if a else "unknown", arch=a.name if a else "unknown", tensors=len(f.keys))
         if a:
-            info["linear_targets"] = len(a.linear_targets(f.shapes()))
+            targets = a.linear_targets(f.shapes())
+            info["linear_targets"] = len(targets)
+            info.update(_structure(a.name, [t.name for t in targets]))
     info["metadata"] = dict(meta)  # in full: --json is for programs; format_info shortens for people
     return info
+
+
+def _structure(arch_name: str | None, names: list[str]) -> dict[str, int]:
+    """The architecture's depth counts (FLUX: double_blocks, single_blocks) among these layers."""
+    try:
+        return archs.get(arch_name or "").structure(names)
+    except UserError:
+        return {}
 
 
 # What kohya's ss_base_model_version and modelspec.architecture name, and the key layouts
@@ -100,7 +112,7 @@ def lora_architecture(metadata: dict[str, str], keys) -> str:
 def format_info(info: dict) -> str:
     lines = [f"{info['file']}: {info['kind']}" + (f" for {info['arch']}" if info.get("arch") else "")]
     order = ("rank", "alpha", "mask", "layers", "modules", "trainable_parameters", "parameters", "basis_id",
-             "portable", "dtypes", "format_version", "linear_targets")
+             "portable", "dtypes", "format_version", "linear_targets", "double_blocks", "single_blocks")
     for key in order:
         if key in info:
             value = info[key]

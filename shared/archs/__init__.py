@@ -65,6 +65,16 @@ class Architecture:
         """
         raise NotImplementedError
 
+    def structure(self, names: Iterable[str]) -> dict[str, int]:
+        """Counts that describe the model's depth from its target names (``qrlora inspect``),
+        e.g. FLUX's double and single blocks; empty when the architecture names none."""
+        return {}
+
+    def open_folder(self, path: str):
+        """A diffusers model folder of this architecture read as its original-layout single file
+        (``SafetensorsFile``'s reading interface), or None when ``path`` is not one."""
+        return None
+
     def kohya_module(self, target: Target) -> tuple[str, tuple[int, int] | None, int]:
         """kohya LoRA module name for ``target``, the rows it covers in that module's
         weight (None = all rows), and that module's full out_features."""
@@ -121,6 +131,24 @@ def get(name: str) -> Architecture:
 def names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def open_model(path: str):
+    """What a basis is read from: a single ``.safetensors`` file, or a diffusers model folder
+    seen in the original layout by the architecture it belongs to."""
+    import os
+
+    from ..checkpoint import FileFormatError, SafetensorsFile
+
+    if not os.path.isdir(path):
+        return SafetensorsFile(path)
+    _load_builtin()
+    for arch in _REGISTRY.values():
+        view = arch.open_folder(path)
+        if view is not None:
+            return view
+    raise FileFormatError(f"{path}: a folder, but not a diffusers model folder this qrlora reads"
+                          " (a FLUX pipeline or transformer folder); give a single .safetensors file")
 
 
 def detect(keys: Collection[str]) -> Architecture | None:

@@ -24,7 +24,7 @@ not a target; the swap matters only for full conversions.
 from __future__ import annotations
 
 import re
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
 
@@ -88,7 +88,7 @@ OUTER: tuple[tuple[str, str], ...] = (
     ("norm_out.linear", "final_layer.adaLN_modulation.1"),  # (scale, shift) <-> (shift, scale)
     ("proj_out", "final_layer.linear"),
 )
-_SWAPPED_HALVES = {"norm_out.linear"}
+_SWAPPED_BFL = "final_layer.adaLN_modulation.1."  # (scale, shift) <-> (shift, scale)
 
 # The single-block MLP is this many times the hidden size in every FLUX.1 release (BFL's
 # ``mlp_ratio``; diffusers' FluxTransformer2DModel has no option for it). Needed only to give
@@ -164,6 +164,17 @@ class Flux(Architecture):
 
     def detect(self, keys: Collection[str]) -> bool:
         return checkpoint_prefix(keys) is not None
+
+    def open_folder(self, path: str):
+        return open_diffusers_folder(path)
+
+    def structure(self, names: Iterable[str]) -> dict[str, int]:
+        blocks: dict[str, set[str]] = {"double_blocks": set(), "single_blocks": set()}
+        for name in names:
+            for kind, d_kind in (("double_blocks", _D_DOUBLE), ("single_blocks", _D_SINGLE)):
+                if name.startswith(d_kind + "."):
+                    blocks[kind].add(name[len(d_kind) + 1 :].split(".", 1)[0])
+        return {kind: len(found) for kind, found in blocks.items()}
 
     def linear_targets(self, shapes: Mapping[str, Sequence[int]]) -> list[Target]:
         prefix = checkpoint_prefix(shapes)
@@ -241,10 +252,18 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     Fused weights are concatenated in slot order; every other tensor is renamed and shared
     with the input. Works on meta tensors too (for shape-only maps). Unknown keys raise.
     """
-    lookup = _diffusers_lookup(state_dict)
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
+    for bfl_key, parts in bfl_sources(state_dict).items():
+        out[bfl_key] = _assemble(bfl_key, [state_dict[k] for k in parts])
+    return out
+
+
+def bfl_sources(keys: Collection[str]) -> dict[str, list[str]]:
+    """BFL key -> the diffusers keys it is made of, in row order (one key unless fused)."""
+    lookup = _diffusers_lookup(keys)
+    fused: dict[str, dict[int, str]] = {}
+    out: dict[str, list[str]] = {}
+    for key in keys:
         module, _, param = key.rpartition(".")
         if module not in lookup:
             raise ValueError(f"diffusers_to_bfl: no BFL name for FLUX transformer key {key!r}")
@@ -252,18 +271,99 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
         if param == "weight" and bfl_module.endswith("_norm"):
             param = "scale"
         bfl_key = f"{bfl_module}.{param}"
-        if module in _SWAPPED_HALVES:
-            first, second = tensor.chunk(2, dim=0)
-            tensor = torch.cat([second, first], dim=0)
         if slot is None:
-            out[bfl_key] = tensor
+            out[bfl_key] = [key]
         else:
-            fused.setdefault(bfl_key, {})[slot] = tensor
+            fused.setdefault(bfl_key, {})[slot] = key
     for bfl_key, parts in fused.items():
         if sorted(parts) != list(range(len(parts))):
             raise ValueError(f"diffusers_to_bfl: {bfl_key} is missing row blocks (have slots {sorted(parts)})")
-        out[bfl_key] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+        out[bfl_key] = [parts[i] for i in range(len(parts))]
     return out
+
+
+def _assemble(bfl_key: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The BFL tensor from its diffusers parts (see ``bfl_sources``)."""
+    if len(tensors) > 1:
+        return torch.cat(list(tensors), dim=0)
+    tensor = tensors[0]
+    if bfl_key.startswith(_SWAPPED_BFL):
+        first, second = tensor.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+    return tensor
+
+
+class DiffusersFolder:
+    """A diffusers ``FluxTransformer2DModel`` folder (one file or shards) read as a BFL single
+    file without prefix: the same keys, shapes, dtypes and, row for row, the same tensors, so a
+    basis made from it is the basis (same id) of the BFL file holding the same weights. The
+    fused weights are assembled from their parts on demand. ``SafetensorsFile``'s interface."""
+
+    def __init__(self, folder: str, shards):
+        self.path = folder
+        self.shards = shards
+        self.sources = bfl_sources(shards.keys)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.sources)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        parts = [self.shards.shape(k) for k in self._parts(key)]
+        return (sum(p[0] for p in parts), *parts[0][1:]) if len(parts) > 1 else parts[0]
+
+    def dtype_name(self, key: str) -> str:
+        return self.shards.dtype_name(self._parts(key)[0])
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self.sources}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return _assemble(key, [self.shards.tensor(k) for k in self._parts(key)])
+
+    def files_and_keys(self, keys: Collection[str]) -> dict[str, tuple[object, list[str]]]:
+        """{shard path: (shard, its diffusers keys)} holding the parts of these BFL keys: what a
+        content fingerprint of the folder reads."""
+        out: dict[str, tuple[object, list[str]]] = {}
+        for key in keys:
+            for part in self._parts(key):
+                shard = self.shards.file_of(part)
+                out.setdefault(shard.path, (shard, []))[1].append(part)
+        return out
+
+    def _parts(self, key: str) -> list[str]:
+        if key not in self.sources:
+            from ..checkpoint import FileFormatError
+
+            raise FileFormatError(f"{self.path}: no tensor for {key!r} (as a BFL key)")
+        return self.sources[key]
+
+
+def open_diffusers_folder(path: str) -> DiffusersFolder | None:
+    """``path`` (a diffusers FLUX pipeline folder or its ``transformer`` folder) as a BFL
+    file, or None when its ``config.json`` does not name ``FluxTransformer2DModel``."""
+    import json
+    import os
+
+    from ..checkpoint import FileFormatError, SafetensorsShards
+
+    for folder in (os.path.join(path, "transformer"), path):
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict) or config.get("_class_name") != "FluxTransformer2DModel":
+            continue
+        shards = SafetensorsShards(folder)
+        if "transformer_blocks.0.attn.to_q.weight" not in shards.keys:
+            raise FileFormatError(f"{folder}: config.json names FluxTransformer2DModel but the weights have no"
+                                  " transformer_blocks.0.attn.to_q.weight")
+        try:
+            return DiffusersFolder(folder, shards)
+        except ValueError as e:
+            raise FileFormatError(f"{folder}: {e}") from None
+    return None
 
 
 def _diffusers_lookup(keys: Collection[str]) -> dict[str, tuple[str, int | None]]:
