@@ -59,7 +59,7 @@ def select_targets(cfg: Config, family: ModelFamily, all_targets: list[Target], 
 
 def load_models(cfg: Config, device: torch.device) -> tuple[ModelFamily, Models]:
     family = family_for(cfg)
-    models = family.load(cfg.model, device, WEIGHT_DTYPES[cfg.training.mixed_precision], network=cfg.network)
+    models = family.load(cfg.model, device, WEIGHT_DTYPES[cfg.training.mixed_precision], run=cfg)
     for module in [models.denoiser, models.vae, *models.text_encoders]:
         module.requires_grad_(False)
     models.vae.eval()

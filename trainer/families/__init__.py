@@ -65,10 +65,11 @@ class ModelFamily(abc.ABC):
         """True if ``model.pretrained`` (builtin name, single file or folder) is this family."""
 
     @abc.abstractmethod
-    def load(self, model_cfg: Any, device: str | torch.device, weight_dtype: torch.dtype, network: Any = None) -> Models:
+    def load(self, model_cfg: Any, device: str | torch.device, weight_dtype: torch.dtype, run: Any = None) -> Models:
         """Load the base model. ``model_cfg`` has ``pretrained`` and optional ``config_dir``,
-        ``tokenizer``, ``vae``; nothing is ever downloaded. ``network`` (the run's [network],
-        or None): what the run will train, for a loader whose needs depend on it (FLUX's basis)."""
+        ``tokenizer``, ``vae``; nothing is ever downloaded. ``run`` (the whole Config, or None):
+        for a loader whose needs depend on the run (FLUX: the basis for [network], where the
+        text encoders live for [flux])."""
 
     # ----------------------------------------------------------------- layers
     @abc.abstractmethod

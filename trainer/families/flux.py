@@ -108,13 +108,21 @@ class FluxFamily(ModelFamily):
             return Flux().detect(read_header(pretrained)[0].keys())
         return False
 
-    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype, network: Any = None) -> Models:
+    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype, run: Any = None) -> Models:
         from .flux_load import load_flux
 
+        network = getattr(run, "network", None)
+        # offloaded text encoders never touch the GPU: everything is read into CPU memory and
+        # only the transformer and the AE move to the device
+        offload = bool(getattr(getattr(run, "flux", None), "offload_text_encoders", False))
         # a plain LoRA baseline needs no basis, so an fp8-only file is fine for it
-        parts = load_flux(model_cfg, device, weight_dtype, fp8_base=bool(getattr(model_cfg, "fp8_base", False)),
+        parts = load_flux(model_cfg, "cpu" if offload else device, weight_dtype,
+                          fp8_base=bool(getattr(model_cfg, "fp8_base", False)),
                           needs_basis=network is None or network.type == "qrlora",
                           rank=getattr(network, "rank", None))
+        if offload:
+            parts.transformer.to(device)
+            parts.vae.to(device)
         info = dict(parts.info)
         info.update(base_weight=parts.base_weight, is_schnell=parts.is_schnell)
         tokenizer = info.get("tokenizer")
@@ -149,9 +157,6 @@ class FluxFamily(ModelFamily):
         # the text outputs depend on these as much as on the tokenizer: part of the text-cache key
         mask = "masked" if objective.apply_t5_attn_mask else "unmasked"
         models.tokenizer_source = f"{models.tokenizer_source}; T5 {objective.t5_tokens} tokens, {mask}"
-        if cfg.flux.offload_text_encoders:
-            for encoder in models.text_encoders:
-                encoder.to("cpu")
         return warnings
 
     # ----------------------------------------------------------------- layers
