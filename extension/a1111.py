@@ -177,7 +177,8 @@ class A1111Adapter:
                 return None
             return tuple(w.shape)
 
-        return ModelInfo(arch, checkpoint, layer_shape, kinds[0][3:].upper() if kinds else "")
+        return ModelInfo(arch, checkpoint, layer_shape, kinds[0][3:].upper() if kinds else "",
+                         host="Automatic1111", host_archs=("sdxl",))  # A1111 has no FLUX
 
     def _network(self, group, sd_model):
         # Networks hold the model's modules: on a model change drop them all, so the old

@@ -11,6 +11,14 @@ a basis rounded differently under the same id is a mismatch like any other. Then
 mismatch policy decides: ``warn`` (apply, say so with the figure), ``refuse`` (skip the
 file), ``apply`` (apply, console note only). Below the threshold it is applied quietly.
 
+A model loaded from a quantized file (fp8, nf4/fp4, GGUF) never gives a basis: its file lacks
+the 16-bit weights. Its basis is one made once from the 16-bit weights (``qrlora basis``) and
+found by identity instead (``resolve`` with ``loaded``): every basis file records a small random
+projection of the weights it was computed from (``qrlora.basis.weight_sketch``); the host
+measures the same of its loaded, dequantized weights, and a basis within the storage's rounding
+(``IDENTITY_LIMITS``) is the loaded model's. With none, the message names the basis and the
+command that makes it.
+
 Computing a basis takes seconds to minutes: ``progress`` (``state_progress`` for the hosts'
 ``shared.state``) shows it, and ``precompute`` lets a UI compute it ahead of time.
 """
@@ -28,6 +36,53 @@ import torch
 from . import core
 
 POLICIES = ("warn", "refuse", "apply")
+
+# Largest relative difference between a basis's record of its weights and the loaded model's
+# dequantized weights (pooled over the file's layers) for "the same model", per storage. Measured
+# on the tiny FLUX (three seeds, every target layer) the same model gives: bf16 0.19 %, fp16
+# 0.02 %, fp8 e4m3fn 3.0 %, e5m2 6.1 %, nf4 9.9 %, fp4 12.0 %, GGUF Q8_0 0.46 %, Q4_0 7.1 %,
+# Q4_K 6.9 %; another model of the same shapes 136-138 %. The limits are about twice the
+# measured rounding; a fine-tune closer to its base than that passes as the base.
+IDENTITY_LIMITS = {
+    "float32": 0.01, "float16": 0.01, "bfloat16": 0.01, "F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
+    "float8_e4m3fn": 0.06, "float8_e5m2": 0.12, "nf4": 0.2, "fp4": 0.25,
+    "Q4_0": 0.15, "Q4_1": 0.15, "Q5_0": 0.15, "Q5_1": 0.15, "Q4_K": 0.15, "Q5_K": 0.15, "Q6_K": 0.15,
+}
+IDENTITY_LIMIT_OTHER = 0.4  # Q2_K, Q3_K, the IQ types and storages not measured
+_SIXTEEN_BIT = ("F32", "F16", "BF16")
+
+
+@dataclass
+class LoadedModel:
+    """What a host offers of a model loaded from a quantized file: where it came from, its
+    full layer shapes (original layout, for naming presets) and each target's weight sketch
+    measured on the loaded weights as stored before any LoRA merge."""
+
+    file: str  # the loaded file's name, for messages
+    shapes: dict  # original-layout key -> shape
+    sketch: Callable[[object], tuple[torch.Tensor, str] | None]  # Target -> (weight_sketch, storage name)
+
+
+def identity_limit(storages) -> float:
+    return max((IDENTITY_LIMITS.get(s, IDENTITY_LIMIT_OTHER) for s in storages), default=IDENTITY_LIMIT_OTHER)
+
+
+def quantized_file(checkpoint: str | None, d) -> bool:
+    """True when ``checkpoint`` cannot give ``d``'s layers in 16 or 32 bits (a GGUF file, an
+    fp8 or bitsandbytes 4-bit safetensors), so no basis may be computed from it."""
+    if not checkpoint or not checkpoint.lower().endswith(".safetensors") or not os.path.isfile(checkpoint):
+        return bool(checkpoint) and checkpoint.lower().endswith(".gguf")
+    try:
+        f = core.checkpoint.SafetensorsFile(checkpoint)
+    except (core.FileFormatError, ValueError, OSError):
+        return False
+    keys = set(f.keys)
+    found = []
+    for t in d.targets.values():
+        key = next((p + t.key for p in ("", "model.diffusion_model.") if p + t.key in keys), None)
+        if key is not None:
+            found.append(f.dtype_name(key))
+    return any(dt not in _SIXTEEN_BIT for dt in found)
 
 
 @dataclass
@@ -75,6 +130,7 @@ class BasisResolver:
         self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # basis id -> Q
         self._candidates: dict[str, str] = {}  # cache entry key (checkpoint contents, request) -> basis id
         self._checked: dict[tuple, tuple] = {}  # (file sketch, basis id, limit) -> (Q, BasisCheck)
+        self._basis_files: dict[str, tuple] = {}  # path -> ((mtime_ns, size), Basis): files read for identity
         self.computations = 0  # how many bases were computed (tests check λ changes cost none)
 
     # ----------------------------------------------------------------- memory
@@ -95,8 +151,12 @@ class BasisResolver:
         return core.basis.BasisCache(folder) if folder else None
 
     # ----------------------------------------------------------------- resolving
-    def resolve(self, d, label: str, checkpoint: str | None, policy: str = "warn", threshold: float = 0.01) -> Resolution:
-        """The Q to apply ΔR file ``d`` (labelled ``label`` in messages) with."""
+    def resolve(self, d, label: str, checkpoint: str | None, policy: str = "warn", threshold: float = 0.01,
+                loaded: LoadedModel | None = None) -> Resolution:
+        """The Q to apply ΔR file ``d`` (labelled ``label`` in messages) with; ``loaded`` when the
+        host can measure its model's weights (used when ``checkpoint`` is a quantized file)."""
+        if quantized_file(checkpoint, d):
+            return self._by_identity(d, label, checkpoint, policy, threshold, loaded)
         for source, q in self._by_id(d):
             if q is None or not _covers(q, d):
                 continue
@@ -134,6 +194,127 @@ class BasisResolver:
         check = core.basis.check_basis(d.names, d.sketch, d.basis_id, q, basis_id, threshold)
         self._checked[key] = (q, check)
         return check
+
+    # ----------------------------------------------------------------- quantized models
+    def _by_identity(self, d, label, checkpoint, policy, threshold, loaded) -> Resolution:
+        """A quantized model's basis: a basis file whose record of its weights matches the loaded
+        weights within the storage's rounding; then the same measured policy as a computed basis."""
+        name = os.path.basename(checkpoint or "")
+        needed = self._needed(d, name, loaded)
+        if loaded is None:
+            return Resolution(None, "", message=f"{label}: {name} is quantized and its weights cannot be read here; {needed}")
+        training = None  # (source, Q) of the training basis, checked against the file's sketch
+        for source, q in self._by_id(d):
+            if q is not None and _covers(q, d) and self._check(d, q, d.basis_id, threshold).ok:
+                training = (source, q)
+                break
+        mismatch = ""  # how the training basis's model differs from the loaded one, when measured
+        for basis in self._recorded_bases(d):
+            if training is None and basis.basis_id == d.basis_id and self._check(d, basis.q, d.basis_id, threshold).ok:
+                training = ("cache", basis.q)  # the training basis under another file name
+            figure, limit, storages = self._identity(basis, d, loaded)
+            if figure is None:
+                continue
+            if figure > limit:
+                if basis.basis_id == d.basis_id:
+                    mismatch = (f"the loaded {name} is not the model basis {d.basis_id} was made from: its weights "
+                                f"differ by {figure:.1%} ({'/'.join(sorted(storages))} rounding allows {limit:.0%})")
+                continue
+            self.remember(basis.basis_id, basis.q)
+            if basis.basis_id == d.basis_id and training is not None:
+                return Resolution(training[1], training[0])
+            return self._measured(d, label, basis.q, basis.basis_id, f"the loaded {name} has basis {basis.basis_id}",
+                                  policy, threshold, needed)
+        if training is None:
+            return Resolution(None, "", message=f"{label}: no basis matches the loaded {name}, a quantized file "
+                                                f"(the basis is never computed from quantized weights)"
+                                                + (f"; {mismatch}" if mismatch else "") + f"; {needed}")
+        # the training basis is at hand, but the loaded model is measured to be another one, or
+        # nothing records the weights it was made from: the mismatch policy decides
+        text = f"{label}: " + (mismatch or f"cannot check that the loaded {name} is the model basis {d.basis_id} "
+                                           "was made from (no basis file records its weights)") + f"; {needed}"
+        if policy == "refuse":
+            return Resolution(None, "", message=text + "; refused (QR-LoRA setting 'on basis mismatch' = refuse)")
+        if policy == "apply":
+            self._log(text + "; applied anyway (setting)")
+            return Resolution(training[1], training[0])
+        return Resolution(training[1], training[0], None, text + "; applied with the training basis anyway")
+
+    def _needed(self, d, name: str, loaded) -> str:
+        """Which basis is needed and the command that makes it."""
+        spec = _spec_for_shapes(d.arch, loaded.shapes if loaded else {}, tuple(d.names))
+        targets = " ".join(spec) if isinstance(spec, list) and len(spec) <= 4 else spec if isinstance(spec, str) else None
+        folder = self._cache_folder() or "<the QR-LoRA basis folder>"
+        out = os.path.join(folder, f"{os.path.splitext(name)[0] or d.arch}-r{d.rank}.safetensors")
+        command = (f'qrlora basis "<the 16-bit (bf16/fp16) original of {name}>.safetensors" --rank {d.rank}'
+                   + (f" --targets {targets}" if targets else "") + f' -o "{out}"')
+        return (f"it needs the rank-{d.rank} basis of the 16-bit original of {name} over the file's "
+                f"{len(d.names)} layers (training basis {d.basis_id}); make it once with: {command}")
+
+    def _recorded_bases(self, d):
+        """Basis files of ``d``'s architecture and rank covering its layers and recording their
+        weights: the training basis's file first, then every other one in the cache folder."""
+        folder = self._cache_folder()
+        if not folder or not os.path.isdir(folder):
+            return
+        first = os.path.join(folder, f"{d.basis_id}.safetensors")
+        others = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+        for path in [first] + [p for p in others if p != first]:
+            if not os.path.isfile(path):
+                continue
+            try:
+                meta = core.checkpoint.read_header(path)[1]
+                if meta.get("qrlora.kind") != "basis" or meta.get("qrlora.arch") != d.arch or meta.get("qrlora.rank") != str(d.rank):
+                    continue
+                st = os.stat(path)
+                memo = self._basis_files.get(path)
+                if memo is None or memo[0] != (st.st_mtime_ns, st.st_size):
+                    memo = ((st.st_mtime_ns, st.st_size), core.basis.load_basis(path))
+                    self._basis_files[path] = memo
+                    while len(self._basis_files) > self._keep:
+                        self._basis_files.pop(next(iter(self._basis_files)))
+                basis = memo[1]
+            except (core.FileFormatError, ValueError, KeyError, OSError) as e:
+                self._log(f"ignoring basis file {path}: {e}")
+                continue
+            if basis.weight_sketch is not None and _covers(basis.q, d):
+                yield basis
+
+    def _identity(self, basis, d, loaded):
+        """(pooled relative difference of the loaded weights from the basis's record, the
+        storages' limit, the storages), or (None, ...) when a layer cannot be measured."""
+        index = {t.name: i for i, t in enumerate(basis.targets)}
+        diff = norm = 0.0
+        storages = set()
+        for name in d.names:
+            got = loaded.sketch(d.targets[name])
+            if got is None or name not in index:
+                return None, 0.0, storages
+            sketch, storage = got
+            recorded = basis.weight_sketch[index[name]]
+            diff += float((sketch - recorded).norm()) ** 2
+            norm += float(recorded.norm()) ** 2
+            storages.add(storage)
+        return (diff / max(norm, 1e-30)) ** 0.5, identity_limit(storages), storages
+
+    def _measured(self, d, label, q, basis_id, what, policy, threshold, needed) -> Resolution:
+        """The mismatch policy on the measured distance between ``q`` and the training basis."""
+        check = self._check(d, q, basis_id, threshold)
+        if check.ok:
+            return Resolution(q, "identity", check.agreement.max if check.agreement else None)
+        if check.agreement is None:
+            return Resolution(None, "", message=f"{label}: trained on basis {d.basis_id}, {what} is another and the file "
+                                                f"has no sketch to compare them; {needed}")
+        if check.agreement.missing:
+            return Resolution(None, "", message=f"{label}: {check.agreement.describe()}")
+        figure = check.agreement.max
+        text = f"{label}: trained on basis {d.basis_id} but {what}: {check.agreement.describe()}"
+        if policy == "refuse":
+            return Resolution(None, "", figure, text + "; refused (QR-LoRA setting 'on basis mismatch' = refuse)")
+        if policy == "apply":
+            self._log(text + "; applied anyway (setting)")
+            return Resolution(q, "identity", figure)
+        return Resolution(q, "identity", figure, text + "; applied anyway, results may differ from training")
 
     def _from_checkpoint(self, d, label, checkpoint, policy, threshold) -> Resolution:
         where = f"put its basis file ({d.basis_id}.safetensors) in {self._cache_folder() or 'the basis cache folder'}"
@@ -248,9 +429,17 @@ class _Known:
 def _spec_for(arch: str, checkpoint: str, names: tuple[str, ...]):
     """A preset (or pair of presets) selecting exactly ``names`` from the checkpoint, else the
     names themselves: a short, readable target spec for the cache index and the basis file."""
+    try:
+        shapes = core.checkpoint.SafetensorsFile(checkpoint).shapes()
+    except (core.FileFormatError, ValueError):
+        return list(names)
+    return _spec_for_shapes(arch, shapes, names)
+
+
+def _spec_for_shapes(arch: str, shapes, names: tuple[str, ...]):
     a = core.archs.get(arch)
     try:
-        everything = a.linear_targets(core.checkpoint.SafetensorsFile(checkpoint).shapes())
+        everything = a.linear_targets(shapes)
     except (core.FileFormatError, ValueError):
         return list(names)
     presets = sorted(a.presets)

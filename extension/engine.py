@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from . import core, syntax
-from .bases import BasisResolver
+from .bases import BasisResolver, LoadedModel
 from .library import Library, LookupFailed
 from .planner import FileCache, Fuser, FusedGroup, Member
 from .settings import Options
@@ -27,6 +27,9 @@ class ModelInfo:
     checkpoint: str | None  # the loaded checkpoint's file on disk
     layer_shape: Callable[[object], object]  # Target -> (out, in), None (absent) or UNKNOWN
     description: str = ""  # what the model is, for messages ("SD 1.5")
+    loaded: LoadedModel | None = None  # the loaded weights, measurable (Forge), for quantized files
+    host: str = "Forge"  # the WebUI, for messages
+    host_archs: tuple = ("sdxl", "flux")  # the architectures this WebUI can run
 
 
 @dataclass
@@ -105,9 +108,18 @@ class Engine:
             plan.say(str(e))
             return None
         try:
-            d, st = self.files.load(entry.path, expect_arch=model.arch)
+            d, st = self.files.load(entry.path, expect_arch=None)
         except (core.FileFormatError, OSError) as e:
             plan.say(f"<qrlora:{tag.name}> not applied: {e}")
+            return None
+        if d.arch != model.arch:
+            file_arch, model_arch = core.archs.get(d.arch).title, core.archs.get(model.arch).title
+            if d.arch not in model.host_archs:
+                plan.say(f"<qrlora:{tag.name}> not applied: {os.path.basename(entry.path)} is a {file_arch} file and "
+                         f"{model.host} cannot run {file_arch} models (use Forge); nothing was changed")
+            else:
+                plan.say(f"<qrlora:{tag.name}> not applied: {os.path.basename(entry.path)} was trained for {file_arch}, "
+                         f"but the loaded model is {model_arch}; nothing was changed")
             return None
         problem = _layer_problem(d, model)
         if problem:
@@ -121,7 +133,8 @@ class Engine:
             return None
         carrier = next((m for m in group if m.deltar.q), group[0])  # a portable file brings the exact Q
         label = "+".join(f"<qrlora:{m.label}>" for m in group)
-        res = self.resolver.resolve(carrier.deltar, label, model.checkpoint, self.options.policy, self.options.threshold)
+        res = self.resolver.resolve(carrier.deltar, label, model.checkpoint, self.options.policy, self.options.threshold,
+                                    model.loaded)
         if res.message:
             plan.say(res.message)
         if res.refused:

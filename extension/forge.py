@@ -24,19 +24,37 @@ Verified against lllyasviel/stable-diffusion-webui-forge (``dfdcbab``):
   so nothing piles up when the built-in LoRA extension skips its reset).
 - ``extensions-builtin/sd_forge_lora/networks.py`` ``load_networks``: online mode is
   ``dynamic_args['online_lora']`` unless the UNet is stored in fp32/fp16/bf16; we do the same.
+- Quantized storage (``backend/patcher/lora.py`` ``LoraLoader.refresh``, offline):
+  bitsandbytes 4-bit weights (``bnb_quantized``) are dequantized by
+  ``backend/operations_bnb.py`` ``functional_dequantize_4bit``, merged, and re-quantized by the
+  layer's ``reload_weight`` (through ``.cuda()``: a GPU is needed); GGUF weights (``gguf_cls``) by
+  ``backend/operations_gguf.py`` ``dequantize_tensor`` and ``gguf_cls.quantize_pytorch``, which only
+  Q4_0, Q5_0 and Q8_0 implement: any other type raises ``NotImplementedError`` in the middle of
+  the refresh. fp8 weights are cast to float32, merged and rounded back. So a group whose offline
+  patches would hit such a weight is not added (a message says why and what to choose instead);
+  online patches (``forge_online_loras``, merged at each forward by
+  ``backend/operations.py`` ``get_weight_and_bias``) work on every storage.
+- The loaded weights, for the basis identity of a quantized file: a parameter's original is
+  ``lora_loader.backup[name]`` once an offline merge replaced it, else the parameter itself;
+  it is read the way ``get_weight_and_bias`` reads it (dequantized, times ``scale_weight``).
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
 
 import torch
 
-from . import keymap
+from . import core, keymap
+from .bases import LoadedModel
 from .engine import UNKNOWN, ModelInfo, report_plan
 
 _PLAIN = (torch.float32, torch.float16, torch.bfloat16)
+# GGUF types whose class has a PyTorch quantizer in Forge (packages_3rdparty/gguf/quants.py
+# ``quantize_blocks_pytorch``): the only ones an offline LoRA merge can write back.
+GGUF_REQUANTIZABLE = ("Q4_0", "Q5_0", "Q8_0")
 
 
 class ForgeAdapter:
@@ -47,6 +65,7 @@ class ForgeAdapter:
         self.log = log
         self._patches: OrderedDict = OrderedDict()  # group identity -> {"unet": {...}, "clip": {...}}
         self._shapes: dict = {}  # id(patcher model) -> (weakref to it, {parameter name: shape or UNKNOWN})
+        self._sketches: dict = {}  # id(patcher model) -> (weakref to it, {(name, rows): (sketch, storage)})
 
     def install(self) -> None:
         pass
@@ -54,12 +73,23 @@ class ForgeAdapter:
     def uninstall(self) -> None:
         self._patches.clear()
         self._shapes.clear()
+        self._sketches.clear()
 
     # ----------------------------------------------------------------- activation
     def activate(self, p, params_list) -> None:
         sd_model = getattr(p, "sd_model", None) or self.shared.sd_model
         p.qrlora_plan = None  # an exception below must not leave the previous plan in force
         plan = self.engine.plan([list(params.items) for params in params_list], self.model_info(sd_model))
+        if plan.groups and getattr(sd_model, "forge_objects", None) is not None:
+            online = self._online(sd_model)
+            kept = []
+            for group in plan.groups:
+                problem = "" if online else self._unpatchable(sd_model.forge_objects.unet, self._group_patches(group)["unet"])
+                if problem:
+                    plan.say(f"{group.title}: not applied, the model is untouched: {problem}")
+                else:
+                    kept.append(group)
+            plan.groups = kept
         p.qrlora_plan = plan
         report_plan(p, plan, self.engine.options, self.log)
 
@@ -124,6 +154,23 @@ class ForgeAdapter:
                 self._patches.popitem(last=False)
         return cached
 
+    @staticmethod
+    def _unpatchable(patcher, patches) -> str:
+        """Why Forge's offline merge would fail on one of these parameters, or ""."""
+        params = dict(patcher.model.named_parameters())
+        for key in patches:
+            name = key if isinstance(key, str) else key[0]
+            w = params.get(name)
+            kind = _gguf_type(w)
+            if kind and kind not in GGUF_REQUANTIZABLE:
+                return (f"{name} is stored as GGUF {kind}, and Forge re-quantizes a merged LoRA only into "
+                        f"{', '.join(GGUF_REQUANTIZABLE)}; choose 'Automatic (fp16 LoRA)' in 'Diffusion in Low Bits' "
+                        "(LoRAs applied at each step) or a Q8_0/Q5_0/Q4_0 file")
+            if getattr(w, "bnb_quantized", False) and not torch.cuda.is_available():
+                return (f"{name} is stored in bitsandbytes {getattr(w, 'quant_type', '4-bit')}, which Forge re-quantizes "
+                        "after a merge only on a CUDA GPU; choose a '(fp16 LoRA)' option in 'Diffusion in Low Bits'")
+        return ""
+
     def _online(self, sd_model) -> bool:
         online = bool(self.dynamic_args.get("online_lora", False))
         storage = getattr(getattr(sd_model.forge_objects.unet, "model", None), "storage_dtype", None)
@@ -151,7 +198,12 @@ class ForgeAdapter:
             dim, start, length = fp.offset
             return (length, shape[1]) if start + length <= shape[0] else shape
 
-        return ModelInfo(arch, checkpoint, layer_shape, repo or type(sd_model).__name__)
+        loaded = None
+        if arch is not None:
+            loaded = LoadedModel(os.path.basename(checkpoint or "") or "the loaded model",
+                                 self._original_shapes(objects.unet, arch),
+                                 lambda target: self._loaded_sketch(objects.unet, target, arch))
+        return ModelInfo(arch, checkpoint, layer_shape, repo or type(sd_model).__name__, loaded)
 
     def _shapes_of(self, patcher) -> dict:
         """Parameter shapes of the patcher's model, for the current model only: kept beside a
@@ -161,10 +213,91 @@ class ForgeAdapter:
         if held is None or held[0]() is not model:
             shapes = {}
             for name, param in model.named_parameters():
-                # packed 4-bit / raw GGUF storage: the layer exists, its shape is not readable here
-                plain = param.dtype.is_floating_point and len(param.shape) == 2
-                shapes[name] = tuple(param.shape) if plain else UNKNOWN
+                shape = _real_shape(param)
+                shapes[name] = shape if shape is not None and len(shape) == 2 else UNKNOWN
             held = (weakref.ref(model), shapes)
             self._shapes = {k: v for k, v in self._shapes.items() if v[0]() is not None}  # models still alive
             self._shapes[id(model)] = held
         return held[1]
+
+    def _original_shapes(self, patcher, arch) -> dict:
+        """The transformer's/UNet's shapes under original-layout keys (to name a target preset)."""
+        prefix = "model." if arch == "sdxl" else ""
+        out = {}
+        for name, param in patcher.model.named_parameters():
+            shape = _real_shape(param)
+            if shape is not None:
+                out[prefix + name[len("diffusion_model."):] if name.startswith("diffusion_model.") else name] = shape
+        return out
+
+    def _loaded_sketch(self, patcher, target, arch):
+        """(weight sketch, storage name) of a target's loaded weight before any LoRA merge,
+        dequantized as Forge computes with it; once per model and layer."""
+        try:
+            fp = keymap.forge_param(target, arch)
+        except KeyError:
+            return None
+        if fp.component != "unet":
+            return None
+        model = patcher.model
+        held = self._sketches.get(id(model))
+        if held is None or held[0]() is not model:
+            held = (weakref.ref(model), {})
+            self._sketches = {k: v for k, v in self._sketches.items() if v[0]() is not None}
+            self._sketches[id(model)] = held
+        key = (fp.name, fp.offset)
+        if key not in held[1]:
+            weight, storage = _original_weight(model, fp.name)
+            if weight is None:
+                return None
+            if fp.offset is not None:
+                weight = weight.narrow(*fp.offset)
+            held[1][key] = (core.basis.weight_sketch(weight), storage)
+        return held[1][key]
+
+
+def _gguf_type(param) -> str:
+    cls = getattr(param, "gguf_cls", None)
+    return getattr(cls, "__name__", "") if cls is not None else ""
+
+
+def _real_shape(param):
+    """A parameter's logical shape: GGUF's ``real_shape`` (``.shape`` already is it), a 4-bit
+    weight's ``quant_state.shape``."""
+    state = getattr(param, "quant_state", None)
+    if getattr(param, "bnb_quantized", False) and state is not None:
+        return tuple(state.shape)
+    return tuple(param.shape) if param is not None else None
+
+
+def _original_weight(model, name):
+    """The parameter as loaded (the offline merge's backup once it was merged), dequantized as
+    ``get_weight_and_bias`` does, in float32; with its storage name."""
+    loader = getattr(model, "lora_loader", None)
+    weight = (getattr(loader, "backup", None) or {}).get(name)
+    parent = model
+    for part in name.split(".")[:-1]:
+        parent = getattr(parent, part, None)
+    if weight is None:
+        weight = getattr(parent, name.rsplit(".", 1)[-1], None)
+    if weight is None:
+        return None, ""
+    if getattr(weight, "bnb_quantized", False):
+        from backend.operations_bnb import functional_dequantize_4bit
+
+        storage, weight = getattr(weight, "quant_type", "nf4"), functional_dequantize_4bit(weight)
+    elif getattr(weight, "gguf_cls", None) is not None:
+        from backend.operations_gguf import dequantize_tensor
+
+        storage = _gguf_type(weight)
+        if not getattr(weight, "baked", True):  # baked when first loaded to the device: bake a copy
+            weight = weight.to(weight.device)
+            weight.gguf_cls.bake(weight)
+        weight = dequantize_tensor(weight)
+    else:
+        storage = str(weight.dtype).replace("torch.", "")
+    weight = weight.detach().to(torch.float32)
+    scale = getattr(parent, "scale_weight", None)
+    if scale is not None:
+        weight = weight * scale.to(torch.float32)
+    return weight, storage

@@ -23,7 +23,7 @@ import torch
 from . import archs
 from .archs import Target
 from .checkpoint import FileFormatError, SafetensorsFile, read_header, save_atomic, write_bytes_atomic
-from .qr import basis_sketch, canonical_basis, sketch_disagreement
+from .qr import _probe, basis_sketch, canonical_basis, sketch_disagreement
 
 ALGORITHM = "qrlora-canonical-1"  # eigh of the smaller Gram matrix, thin QR, positive diag(R)
 BASIS_FORMAT_VERSION = 1
@@ -45,6 +45,7 @@ class Basis:
     target_spec: str | list[str] = ""
     source: dict[str, str] = field(default_factory=dict)  # base model file name, dtype, ...
     stored_sketch: torch.Tensor | None = None  # the sketch a basis file carries (made when Q was computed)
+    weight_sketch: torch.Tensor | None = None  # (layers × P × P) of the weights Q was computed from [H3]
 
     @property
     def names(self) -> list[str]:
@@ -69,6 +70,25 @@ def basis_id_for(arch: str, rank: int, entries: Sequence[tuple[Target, str, str]
     return f"{arch}-r{rank}-{h.hexdigest()[:16]}"
 
 
+# ----------------------------------------------------------------- model identity [H3]
+# A quantized model (fp8, nf4, GGUF) no longer has the 16-bit bytes the basis id hashes. What
+# it still has is, within its storage's rounding, the same numbers: a basis records Gₒᵀ·W·Gᵢ
+# for fixed ±1 probe matrices (P × P numbers per layer) of the weights it was computed from,
+# and a host measures the same of its loaded, dequantized weights. The relative difference
+# (``sketch_disagreement``) is the storage's rounding for the same model and ~140 % for another.
+WEIGHT_SKETCH_KEY = "__qrlora__.weight_sketch"
+WEIGHT_PROBES = 4
+
+
+def weight_sketch(weight: torch.Tensor) -> torch.Tensor:
+    """Gₒᵀ·W·Gᵢ (P × P, float32) of a 2-D weight, whatever its dtype or device."""
+    w = weight.detach().to(torch.float32)
+    g_out = _probe(w.shape[0], WEIGHT_PROBES).to(w.device)
+    g_in = _probe(w.shape[1], WEIGHT_PROBES).to(w.device)
+    return (g_out.mT @ (w @ g_in)).cpu()
+# ----------------------------------------------------------------- [/H3]
+
+
 # ----------------------------------------------------------------- computing
 def pick_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
@@ -84,11 +104,13 @@ def compute_basis(
     device: str | torch.device | None = None,
     progress: Progress | None = None,
     batch_bytes: int = 256 << 20,
+    weight_sketches: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Canonical Q for each target and the basis id.
 
     ``weights(target)`` returns the target's weight (rows already sliced) in its stored dtype.
-    Same-shape layers are decomposed in batches (one kernel launch on a GPU).
+    Same-shape layers are decomposed in batches (one kernel launch on a GPU). A dict given as
+    ``weight_sketches`` receives each layer's ``weight_sketch`` (the model's measured identity).
     """
     dev = pick_device(device)
     for t in targets:
@@ -112,6 +134,8 @@ def compute_basis(
                 if tuple(w.shape) != t.shape:
                     raise ValueError(f"layer {t.name}: weight has shape {tuple(w.shape)}, expected {t.shape}")
                 entries[t.name] = (t, str(w.dtype).replace("torch.", ""), weight_digest(w))
+                if weight_sketches is not None:
+                    weight_sketches[t.name] = weight_sketch(w)
                 tensors.append(w.to(dev, torch.float32))
             try:
                 qs = canonical_basis(torch.stack(tensors), rank).cpu()
@@ -145,10 +169,12 @@ def basis_from_checkpoint(
         w = ckpt.tensor(t.key)
         return w[t.rows[0] : t.rows[1]] if t.rows else w
 
-    q, bid = compute_basis(load, chosen, a.name, rank, device=device, progress=progress)
+    sketches: dict[str, torch.Tensor] = {}
+    q, bid = compute_basis(load, chosen, a.name, rank, device=device, progress=progress, weight_sketches=sketches)
     dtypes = sorted({ckpt.dtype_name(t.key) for t in chosen})
     source = {"base_model": os.path.basename(os.path.normpath(path)), "weight_dtype": ",".join(dtypes)}
-    return Basis(a.name, rank, chosen, q, bid, spec if isinstance(spec, str) else list(spec), source)
+    return Basis(a.name, rank, chosen, q, bid, spec if isinstance(spec, str) else list(spec), source,
+                 weight_sketch=torch.stack([sketches[t.name] for t in chosen]))
 
 
 def refuse_8bit_weights(ckpt, a: archs.Architecture, chosen: Sequence[Target], rank: int) -> None:
@@ -211,6 +237,8 @@ def save_basis(basis: Basis, path: str, dtype: torch.dtype = torch.float32) -> N
     a damaged or altered Q from the one that was computed."""
     tensors = {f"{t.name}.q": basis.q[t.name].to(dtype) for t in basis.targets}
     tensors[SKETCH_KEY] = basis.sketch()
+    if basis.weight_sketch is not None:  # [H3]
+        tensors[WEIGHT_SKETCH_KEY] = basis.weight_sketch.to(torch.float32).contiguous()
     meta = {
         "qrlora.kind": "basis",
         "qrlora.format_version": str(BASIS_FORMAT_VERSION),
@@ -253,9 +281,15 @@ def load_basis(path: str) -> Basis:
         stored = f.tensor(SKETCH_KEY).to(torch.float32)
         if stored.dim() != 3 or stored.shape[0] != len(layers) or stored.shape[2] != rank:
             raise FileFormatError(f"{path}: {SKETCH_KEY} has shape {tuple(stored.shape)}, expected ({len(layers)}, probes, {rank})")
+    weights = None  # [H3]
+    if WEIGHT_SKETCH_KEY in header:
+        weights = f.tensor(WEIGHT_SKETCH_KEY).to(torch.float32)
+        if tuple(weights.shape) != (len(layers), WEIGHT_PROBES, WEIGHT_PROBES):
+            raise FileFormatError(f"{path}: {WEIGHT_SKETCH_KEY} has shape {tuple(weights.shape)}, "
+                                  f"expected ({len(layers)}, {WEIGHT_PROBES}, {WEIGHT_PROBES})")
     spec = json.loads(meta.get("qrlora.targets", '""'))
     source = {k[len("qrlora.") :]: v for k, v in meta.items() if k in ("qrlora.base_model", "qrlora.weight_dtype")}
-    return Basis(arch, rank, layers, q, meta["qrlora.basis_id"], spec, source, stored)
+    return Basis(arch, rank, layers, q, meta["qrlora.basis_id"], spec, source, stored, weights)
 
 
 # ----------------------------------------------------------------- agreement
@@ -457,7 +491,8 @@ class BasisCache:
             kept = self.get(basis.basis_id)
         except (FileFormatError, ValueError, KeyError):
             kept = None
-        if kept is not None and not self._verify(kept, None, DEFAULT_LIMIT) and check_basis(
+        if kept is not None and (kept.weight_sketch is not None or basis.weight_sketch is None) \
+                and not self._verify(kept, None, DEFAULT_LIMIT) and check_basis(
                 kept.names, kept.stored_sketch, kept.basis_id, basis.q, basis.basis_id).ok:
             digest = sketch_digest(kept.stored_sketch)
         else:

@@ -157,18 +157,48 @@ def forge_sdxl(checkpoint: str, dtype: torch.dtype = torch.float32):
     return sd
 
 
-def forge_flux(checkpoint: str, dtype: torch.dtype = torch.float32):
+STORAGES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "nf4", "fp4",
+            "gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_K", "gguf:BF16")
+
+
+def forge_flux(checkpoint: str, dtype: torch.dtype = torch.float32, storage: str | None = None):
     """Forge's FLUX (``backend/diffusion_engine/flux.py``): the transformer is the KModel's
     ``diffusion_model`` with BFL parameter names (``diffusion_model.double_blocks.0.img_attn.qkv.weight``:
-    q, k, v fused by rows)."""
+    q, k, v fused by rows), its linears stored as ``storage`` says (``backend/loader.py``: the
+    "Diffusion in Low Bits" choice or the file's own format):
+
+    - a torch dtype name (``bfloat16``, ``float8_e4m3fn``, ``float8_e5m2``...): ``ForgeOperations``
+      linears holding the weight in that dtype (``storage_dtype`` is the dtype);
+    - ``nf4`` / ``fp4``: ``ForgeOperationsBNB4bits`` linears (``ForgeLoader4Bit`` with a
+      ``ForgeParams4bit`` weight), ``storage_dtype`` the string;
+    - ``gguf:<type>``: ``ForgeOperationsGGUF`` linears whose 2-D weights are ``ParameterGGUF`` of
+      that type, ``storage_dtype`` ``"gguf"`` (1-D norms stay float, as in GGUF FLUX files).
+    """
     from backend.diffusion_engine import ForgeObjects
+    from backend.operations_bnb import ForgeLoader4Bit
+    from backend.operations_gguf import ParameterGGUF
     from backend.patcher.clip import CLIP
     from backend.patcher.unet import UnetPatcher
 
     f = SafetensorsFile(checkpoint)
     kmodel = nn.Module()
-    kmodel.add_module("diffusion_model", tree({k: f.tensor(k) for k in f.keys}, dtype))
-    kmodel.storage_dtype = dtype
+    storage = storage or str(dtype).replace("torch.", "")
+    plain = getattr(torch, storage, None) if ":" not in storage and storage not in ("nf4", "fp4") else None
+    kmodel.add_module("diffusion_model", tree({k: f.tensor(k) for k in f.keys},
+                                              torch.bfloat16 if plain is None else
+                                              plain if plain in (torch.float32, torch.float16, torch.bfloat16)
+                                              else torch.float32))
+    for name, m in list(kmodel.named_modules()):
+        if not isinstance(m, nn.Linear):
+            continue
+        if storage in ("nf4", "fp4"):
+            parent, _, child = name.rpartition(".")
+            kmodel.get_submodule(parent).add_module(child, ForgeLoader4Bit(m.weight, m.bias, storage))
+        elif storage.startswith("gguf:"):
+            m.weight = ParameterGGUF.quantized(m.weight, storage[5:])
+        elif plain not in (torch.float32, torch.float16, torch.bfloat16):
+            m.weight = nn.Parameter(m.weight.detach().to(plain), requires_grad=False)
+    kmodel.storage_dtype = plain if plain is not None else "gguf" if storage.startswith("gguf:") else storage
     sd = types.SimpleNamespace()
     sd.forge_objects = ForgeObjects(UnetPatcher(kmodel), CLIP({}))
     sd.forge_objects_original = sd.forge_objects.shallow_copy()

@@ -10,7 +10,13 @@ the weight to ``offset = (dim, start, length)``, × strength_model, then ``"lora
 ``str(list(lora_patches.keys()))`` equals the loaded hash (identities only, not tensors);
 otherwise drops online patches, puts every backed-up parameter back, then per
 ``(key, online)``: online → ``parent.forge_online_loras[child] = patches``; offline → back up
-the parameter (once), merge in float32, set a new ``nn.Parameter``.
+the parameter (once, ``weight.to(offload_device)``: a copy for GGUF and 4-bit parameters),
+dequantize a bitsandbytes 4-bit weight (``functional_dequantize_4bit``) or a GGUF one
+(``dequantize_tensor``), merge in float32, then give it back to its storage: 4-bit →
+``parent.reload_weight(weight)`` (re-quantized), GGUF → ``gguf_cls.quantize_pytorch(weight,
+parameter)`` (re-quantized in place; raises ``NotImplementedError`` for types without a
+PyTorch quantizer, leaving the parameters patched before it merged), anything else → a new
+``nn.Parameter`` of the merged weight cast back to the stored dtype (fp8 rounds to fp8).
 """
 
 import torch
@@ -103,7 +109,25 @@ class LoraLoader:
                 continue
             if key not in self.backup:
                 self.backup[key] = weight.to(device=offload_device)
+            bnb_layer = gguf_parameter = None
+            if hasattr(weight, "bnb_quantized"):
+                from backend.operations_bnb import functional_dequantize_4bit
+
+                bnb_layer = parent
+                weight = functional_dequantize_4bit(weight)
+            gguf_cls = getattr(weight, "gguf_cls", None)
+            if gguf_cls is not None:
+                from backend.operations_gguf import dequantize_tensor
+
+                gguf_parameter = weight
+                weight = dequantize_tensor(weight)
             weight = merge_lora_to_weight(current, weight, key, computation_dtype=torch.float32)
+            if bnb_layer is not None:
+                bnb_layer.reload_weight(weight)
+                continue
+            if gguf_cls is not None:
+                gguf_cls.quantize_pytorch(weight, gguf_parameter)
+                continue
             set_attr_raw(self.model, key, torch.nn.Parameter(weight, requires_grad=False))
         self.loaded_hash = hashes
         self.merges += 1
