@@ -103,7 +103,7 @@ class SDXLFamily(ModelFamily):
             return SDXL().detect(read_header(pretrained)[0].keys())
         return False
 
-    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype, network: Any = None) -> Models:
+    def load(self, model_cfg: Any, device, weight_dtype: torch.dtype, run: Any = None) -> Models:
         pretrained = model_cfg.pretrained
         config_dir = getattr(model_cfg, "config_dir", None)
         vae_path = getattr(model_cfg, "vae", None)
