@@ -45,15 +45,17 @@ def test_objective_defaults_follow_kohya_for_dev_and_schnell():
 
 def test_min_snr_and_noise_offset_say_they_do_not_apply(tiny):
     cfg = SimpleNamespace(flux=flux_options(t5xxl_max_token_length=16),
-                          training=SimpleNamespace(min_snr_gamma=5.0, noise_offset=0.1))
+                          training=SimpleNamespace(min_snr_gamma=5.0, noise_offset=0.1),
+                          network=SimpleNamespace(train_text_encoder=True))
     source = tiny.tokenizer_source
     try:
         warnings = family.configure(tiny, cfg)
     finally:
         tiny.tokenizer_source = source
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert warnings[0].startswith("training.min_snr_gamma does not apply to FLUX and is ignored")
     assert warnings[1].startswith("training.noise_offset does not apply to FLUX and is ignored")
+    assert warnings[2].startswith("network.train_text_encoder is ignored for FLUX")
 
 
 def test_latents_are_shifted_and_scaled(tiny):

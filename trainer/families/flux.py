@@ -154,6 +154,9 @@ class FluxFamily(ModelFamily):
         if t.noise_offset:
             warnings.append("training.noise_offset does not apply to FLUX and is ignored: rectified flow trains on"
                             " plain Gaussian noise (kohya's FLUX trainer ignores it too)")
+        if getattr(cfg.network, "train_text_encoder", False):
+            warnings.append("network.train_text_encoder is ignored for FLUX: only the transformer is adapted"
+                            " (CLIP-L and T5 stay frozen, as in kohya's default FLUX LoRA training)")
         # the text outputs depend on these as much as on the tokenizer: part of the text-cache key
         mask = "masked" if objective.apply_t5_attn_mask else "unmasked"
         models.tokenizer_source = f"{models.tokenizer_source}; T5 {objective.t5_tokens} tokens, {mask}"
