@@ -53,6 +53,14 @@ def dry_run(cfg) -> dict:
             params = sum(n.rank * (t.shape[0] + t.shape[1]) for t in targets)
         report["targets"] = {"count": len(targets), "trainable_parameters": params,
                              "layers": [t.name for t in targets]}
+    # --- H2: peak GPU memory estimate (trainer/memory.py) ---
+    from trainer.memory import NoShapes, estimate, largest_bucket, settings_from_config
+
+    try:
+        report["memory"] = estimate(settings_from_config(cfg, *largest_bucket(plan, data))).to_dict()
+    except NoShapes as e:
+        report["memory"] = {"text": f"peak GPU memory estimate: not available ({e})"}
+    # --- end H2 ---
     return report
 
 
@@ -72,6 +80,8 @@ def format_dry_run(r: dict) -> str:
     if "targets" in r:
         t = r["targets"]
         lines.append(f"targets: {t['count']} layers, {t['trainable_parameters']:,} trainable parameters")
+    if "memory" in r:  # H2
+        lines.append(r["memory"]["text"])
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
