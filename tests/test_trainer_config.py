@@ -49,7 +49,8 @@ def test_defaults(root):
     c = load_config(cfg_file(root, MINIMAL))
     assert c.source == str(root / "dog.toml")
     assert c.model.__dict__ == dict(pretrained="builtin:tiny-sdxl", family="sdxl", config_dir=None, tokenizer=None,
-                                    vae=None, ae=None, clip_l=None, t5xxl=None, t5_tokenizer=None, basis=None,
+                                    vae=None, prediction_type=None, ae=None, clip_l=None, t5xxl=None, t5_tokenizer=None,
+                                    basis=None,
                                     fp8_base=False)  # FLUX files (H1a)
     assert c.network.__dict__ == dict(type="qrlora", rank=16, alpha=16.0, mask="triu", targets=None,
                                       train_text_encoder=False, text_encoder_lr=None, basis_cache=None, dropout=0.0)

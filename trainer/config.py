@@ -35,6 +35,12 @@ class ModelConfig:
     config_dir: str | None = option(PathT(), help="diffusers config folder used with a single file")
     tokenizer: str | None = option(PathT(), help="local tokenizer folder")
     vae: str | None = option(PathT(), help="a separate VAE file", kohya="vae")
+    prediction_type: str | None = option(Enum("epsilon", "v_prediction"),
+                                         help="SDXL: what the UNet predicts; default: the model's scheduler config"
+                                              " (a diffusers folder's, or model.config_dir's"
+                                              " scheduler/scheduler_config.json), else epsilon; kohya's"
+                                              ' v_parameterization = true is "v_prediction"',
+                                         kohya="v_parameterization")
     # ---- FLUX files (brief H1a): what FLUX users have beside the transformer
     ae: str | None = option(PathT(), help="FLUX: the autoencoder (ae.safetensors) when model.pretrained does not"
                             " hold it", kohya="ae")

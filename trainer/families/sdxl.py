@@ -144,7 +144,8 @@ class SDXLFamily(ModelFamily):
         )
         from diffusers import DDPMScheduler
 
-        sched_cfg = L.scheduler_config(model_dir, getattr(model_cfg, "prediction_type", None))
+        # a single file's schedule (v-prediction above all) travels in its config_dir's scheduler/
+        sched_cfg = L.scheduler_config(model_dir or config_dir, getattr(model_cfg, "prediction_type", None))
         return Models(
             family=self.name,
             denoiser=mods["unet"],
