@@ -117,3 +117,54 @@ def test_qrlora_basis_accepts_the_lab_base(built_lab_file, tmp_path):
     from qrlora.checkpoint import SafetensorsFile
 
     assert len(SafetensorsFile(str(out)).keys) >= 48  # the UNet's 48 transformer linears
+
+
+def test_pixel_space_vae_keeps_every_pixel(single_threaded):
+    """``factor`` 1: the same construction without the 2x2 down/up-sampling, latents = pixels."""
+    vae = model.block_vae(factor=1)
+    pixels = world.to_pixels(world.render_batch(world.sample_scenes(4, seed=3, combos=world.Vocabulary().combinations())))
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mode()
+        decoded = vae.decode(latents).sample
+    assert latents.shape == (4, 4, 32, 32)
+    assert (latents[:, :3] - pixels).abs().max() < 1e-4
+    assert (decoded - pixels).abs().max() * 127.5 < 0.5
+
+
+@pytest.fixture(scope="module")
+def v_prediction_lab_file(tmp_path_factory):
+    """An untrained lab base with attention at both levels, written with a v-prediction schedule."""
+    from trainer.families import get_family
+
+    folder = tmp_path_factory.mktemp("lab-v")
+    components = model.build(0, attention="both")
+    schedule = pretrain.memory_models(components, get_family("sdxl"), "v_prediction").noise_scheduler.config
+    path = str(folder / "lab.safetensors")
+    model.write(components, path, str(folder / "config"), {"qrlora.lab": "test"}, scheduler=dict(schedule))
+    return path, str(folder / "config")
+
+
+def test_a_v_prediction_single_file_loads_as_v_prediction_from_its_config_dir(v_prediction_lab_file, single_threaded):
+    path, config_dir = v_prediction_lab_file
+    models = pretrain.load(path, config_dir)
+    assert models.noise_scheduler.config.prediction_type == "v_prediction"
+    attention = [n for n in models.denoiser.state_dict() if n.endswith("attn2.to_k.weight")]
+    assert any(n.startswith("down_blocks.0.") for n in attention)  # attention at the 32-channel level too
+
+
+def test_the_trainer_config_reads_and_overrides_the_prediction_type(v_prediction_lab_file, tmp_path, single_threaded):
+    from trainer.config import load_config
+    from trainer.setup import load_models
+
+    path, config_dir = v_prediction_lab_file
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[model]\npretrained = "{path}"\nconfig_dir = "{config_dir}"\n'
+                    f'[training]\noutput_dir = "{tmp_path / "out"}"\n'
+                    '[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "."\n', encoding="utf-8")
+    cfg = load_config(str(toml), check_paths=False)
+    assert cfg.model.prediction_type is None  # the model's own schedule decides
+    assert load_models(cfg, torch.device("cpu"))[1].noise_scheduler.config.prediction_type == "v_prediction"
+    cfg = load_config(str(toml), ["model.prediction_type=epsilon"], check_paths=False)
+    assert load_models(cfg, torch.device("cpu"))[1].noise_scheduler.config.prediction_type == "epsilon"
+    with pytest.raises(Exception, match="v_parameterization.*model.prediction_type"):
+        load_config(str(toml), ["model.v_parameterization=true"], check_paths=False)

@@ -83,12 +83,34 @@ def _affine_tail(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d, outputs: list[
         conv.bias[o] = -_SHIFT
 
 
-def block_vae():
-    """The 2x2-block ``AutoencoderKL`` described above."""
+def unet_config(attention: str = "low", factor: int = 2) -> dict:
+    """The UNet's config: cross-attention at the ``"low"`` level only (SDXL's layout) or at
+    ``"both"`` levels; latents ``factor`` times smaller than the image (1: pixel space)."""
+    if attention not in ("low", "both"):
+        raise ValueError(f"attention must be 'low' or 'both', not {attention!r}")
+    config = dict(UNET_CONFIG, sample_size=IMAGE_SIZE // factor)
+    if attention == "both":
+        config.update(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    return config
+
+
+def vae_config(factor: int = 2) -> dict:
+    """The built VAE's config: one 2x down-sampling (``factor`` 2) or none (1, pixel space)."""
+    if factor not in (1, 2):
+        raise ValueError(f"the lab VAE's factor must be 1 or 2, not {factor!r}")
+    if factor == 2:
+        return dict(VAE_CONFIG)
+    return dict(VAE_CONFIG, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                block_out_channels=(8,))
+
+
+def block_vae(factor: int = 2):
+    """The 2x2-block ``AutoencoderKL`` described above (``factor`` 1: the same, without the
+    down- and up-sampler, so latents are the pixels)."""
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
-        vae = AutoencoderKL(**VAE_CONFIG).eval()
+        vae = AutoencoderKL(**vae_config(factor)).eval()
     with torch.no_grad():
         for name, p in vae.named_parameters():
             # Zero every residual branch (resnet conv2, attention output) and what feeds nothing.
@@ -99,18 +121,19 @@ def block_vae():
         # mean = pixels (channel 3 = 0); log-variance = -30 (diffusers clamps there)
         _affine_tail(enc.conv_norm_out, enc.conv_out, [(c, c) for c in range(3)])
         enc.conv_out.bias[LATENT_CHANNELS:] = -30.0
-        # encoder down-sampler (pad right/bottom, 3x3 stride 2): the mean of each 2x2 block
-        down = enc.down_blocks[0].downsamplers[0].conv
-        down.weight.zero_()
-        down.bias.zero_()
-        for c in range(down.out_channels):
-            down.weight[c, c, :2, :2] = 0.25
-        # decoder up-sampler (nearest 2x, then 3x3): the centre tap, so each latent covers 2x2 pixels
-        up = dec.up_blocks[0].upsamplers[0].conv
-        up.weight.zero_()
-        up.bias.zero_()
-        for c in range(up.out_channels):
-            up.weight[c, c, 1, 1] = 1.0
+        if factor == 2:
+            # encoder down-sampler (pad right/bottom, 3x3 stride 2): the mean of each 2x2 block
+            down = enc.down_blocks[0].downsamplers[0].conv
+            down.weight.zero_()
+            down.bias.zero_()
+            for c in range(down.out_channels):
+                down.weight[c, c, :2, :2] = 0.25
+            # decoder up-sampler (nearest 2x, then 3x3): the centre tap, so each latent covers 2x2 pixels
+            up = dec.up_blocks[0].upsamplers[0].conv
+            up.weight.zero_()
+            up.bias.zero_()
+            for c in range(up.out_channels):
+                up.weight[c, c, 1, 1] = 1.0
         vae.quant_conv.weight.zero_()
         vae.quant_conv.bias.zero_()
         for c in range(2 * LATENT_CHANNELS):
@@ -124,25 +147,28 @@ def block_vae():
     return vae
 
 
-def fresh_unet(seed: int):
+def fresh_unet(seed: int, attention: str = "low", factor: int = 2):
     """A randomly initialised (diffusers' own initialisers) lab UNet; same seed, same weights."""
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**UNET_CONFIG)
+        return UNet2DConditionModel(**unet_config(attention, factor))
 
 
-def build(seed: int) -> dict[str, torch.nn.Module]:
-    """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed``, pixel VAE."""
+def build(seed: int, attention: str = "low", factor: int = 2) -> dict[str, torch.nn.Module]:
+    """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed``, built VAE."""
     components = tiny.build_components(seed)
-    components["unet"] = fresh_unet(seed)
-    components["vae"] = block_vae()
+    components["unet"] = fresh_unet(seed, attention, factor)
+    components["vae"] = block_vae(factor)
     return components
 
 
-def write(components: dict[str, torch.nn.Module], path: str, config_dir: str, metadata: dict[str, str]) -> None:
-    """The SGM single file (fp16, like released SDXL files) and the diffusers configs beside it."""
+def write(components: dict[str, torch.nn.Module], path: str, config_dir: str, metadata: dict[str, str],
+          scheduler: dict | None = None) -> None:
+    """The SGM single file (fp16, like released SDXL files) and the diffusers configs beside it,
+    with the noise schedule it was trained on in ``scheduler/scheduler_config.json`` (its
+    ``prediction_type`` above all), where diffusers keeps it in a model folder."""
     sd = {name: module.state_dict() for name, module in components.items()}
     tensors = tiny.sgm_state_dict(sd["unet"], sd["text_encoder"], sd["text_encoder_2"], sd["vae"])
     tensors = {k: v.detach().to(tiny.STORE_DTYPE).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -155,3 +181,13 @@ def write(components: dict[str, torch.nn.Module], path: str, config_dir: str, me
             module.config.save_pretrained(folder)
         else:
             module.save_config(folder)
+    if scheduler is not None:
+        import json
+
+        from qrlora.checkpoint import write_bytes_atomic
+
+        folder = os.path.join(config_dir, "scheduler")
+        os.makedirs(folder, exist_ok=True)
+        text = json.dumps({"_class_name": "DDPMScheduler", **{k: v for k, v in scheduler.items() if not k.startswith("_")}},
+                          indent=1, sort_keys=True) + "\n"
+        write_bytes_atomic(os.path.join(folder, "scheduler_config.json"), text.encode("utf-8"))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qrlora.errors import IncompatibleFiles
+
 from . import model as lab_model
 from . import score, world
 
@@ -51,6 +53,9 @@ class Recipe:
     eval_sampler: str = "euler_a"
     eval_guidance: float = 1.0
     threads: int = 1
+    prediction_type: str = "epsilon"  # or "v_prediction" (recorded in config/scheduler/)
+    attention: str = "low"  # cross-attention at the low level only (SDXL's layout) or "both"
+    vae_factor: int = 2  # 2: the 2x2-block VAE (16x16 latents); 1: pixel space behind an identity VAE
 
 
 def base_combinations() -> tuple[list, set]:
@@ -59,7 +64,7 @@ def base_combinations() -> tuple[list, set]:
     return [c for c in BASE_VOCABULARY.combinations() if c not in held], held
 
 
-def memory_models(components: dict, family):
+def memory_models(components: dict, family, prediction_type: str = "epsilon"):
     """A trainer ``Models`` around in-memory components (the loader's conventions: CLIP
     tokenizers, SDXL base's DDPM schedule), for training before any file exists."""
     from diffusers import DDPMScheduler
@@ -75,7 +80,7 @@ def memory_models(components: dict, family):
     return Models(
         family=family.name, denoiser=components["unet"], vae=components["vae"],
         text_encoders=[components["text_encoder"], components["text_encoder_2"]], tokenizers=tokenizers,
-        noise_scheduler=DDPMScheduler.from_config(L.scheduler_config()), basis_source=None, identity="lab-pretrain",
+        noise_scheduler=DDPMScheduler.from_config(L.scheduler_config(prediction_type=prediction_type)), basis_source=None, identity="lab-pretrain",
         weight_dtype=torch.float32, vae_dtype=torch.float32, device=torch.device("cpu"), tokenizer_source=getattr(source, "description", str(source)),
     )
 
@@ -108,8 +113,8 @@ def train(recipe: Recipe, say=print) -> dict:
 
     torch.set_num_threads(recipe.threads)
     family = get_family("sdxl")
-    components = lab_model.build(recipe.seed)
-    models = memory_models(components, family)
+    components = lab_model.build(recipe.seed, recipe.attention, recipe.vae_factor)
+    models = memory_models(components, family, recipe.prediction_type)
     train_combos, _ = base_combinations()
     captions = sorted({world.caption(world.Scene(*c, 16, 16, 16)) for c in train_combos}) + [""]
     with torch.no_grad():
@@ -148,7 +153,8 @@ def train(recipe: Recipe, say=print) -> dict:
             recent = sum(losses[-50:]) / len(losses[-50:])
             say(f"step {step + 1}/{recipe.steps}  loss {recent:.4f}  {time.time() - start:.0f} s")
     components["unet"] = ema
-    return {"components": components, "losses": losses, "train_seconds": time.time() - start}
+    return {"components": components, "losses": losses, "train_seconds": time.time() - start,
+            "scheduler": models.noise_scheduler.config}
 
 
 def evaluate(family, models, recipe: Recipe, n: int | None = None, seed: int = 12345) -> dict:
@@ -177,7 +183,7 @@ def pretrain(out: str, recipe: Recipe, say=print) -> dict:
     folder = os.path.dirname(os.path.abspath(out))
     config_dir = os.path.join(folder, "config")
     meta = {"qrlora.lab": json.dumps({"recipe": dataclasses.asdict(recipe)}, sort_keys=True)}
-    lab_model.write(result["components"], out, config_dir, meta)
+    lab_model.write(result["components"], out, config_dir, meta, scheduler=dict(result["scheduler"]))
 
     report = {
         "file": os.path.basename(out), "recipe": dataclasses.asdict(recipe),
@@ -197,6 +203,10 @@ def evaluate_file(path: str, config_dir: str, recipe: Recipe, report: dict) -> d
 
     family = get_family("sdxl")
     models = load(path, config_dir)
+    loaded = models.noise_scheduler.config.prediction_type
+    if loaded != recipe.prediction_type:  # the schedule travels in config/scheduler/: it must have
+        raise IncompatibleFiles(f"{config_dir}: the scheduler config says prediction_type {loaded!r}, but "
+                              f"{os.path.basename(path)} was trained with {recipe.prediction_type!r}")
     ev = evaluate(family, models, recipe)
     save_grid(ev.pop("images")[:64], os.path.splitext(path)[0] + "-heldout.png")
     return {**report, "heldout": ev, "vocabulary_max_cosine": round(vocabulary_separation(family, models), 4)}
@@ -220,13 +230,15 @@ def reevaluate(path: str) -> dict:
     return report
 
 
-def load(path: str, config_dir: str):
-    """The lab base through the trainer's SDXL loader, as ``python -m trainer`` loads it."""
+def load(path: str, config_dir: str, prediction_type: str | None = None):
+    """The lab base through the trainer's SDXL loader, as ``python -m trainer`` loads it (the
+    prediction type from ``config_dir``'s scheduler config unless given)."""
     from types import SimpleNamespace
 
     from trainer.families import get_family
 
-    cfg = SimpleNamespace(pretrained=path, config_dir=config_dir, tokenizer=None, vae=None, prediction_type=None)
+    cfg = SimpleNamespace(pretrained=path, config_dir=config_dir, tokenizer=None, vae=None,
+                          prediction_type=prediction_type)
     return get_family("sdxl").load(cfg, "cpu", torch.float32)
 
 
