@@ -591,6 +591,10 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             page.goto(webui.url + "/", timeout=300_000)
             page.wait_for_selector("#txt2img_prompt textarea", timeout=300_000)
+            # the WebUI's JavaScript options arrive after the page: a card clicked before then
+            # writes "undefined" (the WebUI's own separator option is the sign they are there)
+            page.wait_for_function("() => typeof opts !== 'undefined' && "
+                                   "opts.extra_networks_add_text_separator !== undefined", timeout=120_000)
             timings["UI page load"] = time.perf_counter() - started
             ui = UI(page, webui, results, args.screenshots)
             for name, step in (("card", ui.check_card), ("editor", ui.check_editor),

@@ -286,9 +286,23 @@ def prepare_clip_tokenizer(work: str, configs: str) -> str:
     for name in os.listdir(derived):
         shutil.copyfile(os.path.join(derived, name), os.path.join(folder, name))
     shutil.copyfile(os.path.join(configs, "text_encoder", "config.json"), os.path.join(folder, "config.json"))
+    write_te1_weights(os.path.join(work, "tiny", TINY_NAME + ".safetensors"), folder)
     with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, f)
     return folder
+
+
+def write_te1_weights(checkpoint: str, folder: str) -> None:
+    """TE1's weights beside its config. The WebUI builds the model without them, except when its
+    quick build fails (a thread race in its start-up: "dictionary changed size during
+    iteration" in importlib) and it retries with ``from_pretrained`` reading them for real."""
+    from safetensors.torch import load_file, save_file
+
+    prefix = "conditioner.embedders.0.transformer."
+    tensors = {k[len(prefix):]: v for k, v in load_file(checkpoint).items() if k.startswith(prefix)}
+    if not tensors:
+        raise SystemExit(f"{checkpoint}: no '{prefix}*' tensors (TE1)")
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------ 6. sgm GroupNorm
