@@ -177,7 +177,7 @@ def _bad_files(world, tmp_path):
         "ckpt": ("<qrlora:oldformat:1>", "only .safetensors files are read"),
         "truncated": ("<qrlora:bad_truncated:1>", "truncated"),
         "pickle": ("<qrlora:bad_pickle:1>", "not a safetensors file"),
-        "arch": ("<qrlora:bad_arch:1>", "trained for flux, but the loaded model is sdxl"),
+        "arch": ("<qrlora:bad_arch:1>", "FLUX.1"),
         "rank": ("<qrlora:bad_rank:1>", "metadata says (8,"),
         "model": ("<qrlora:bad_model:1>", "the file was trained for another model"),
         "bigrank": ("<qrlora:bad_bigrank:1>", "rank 20"),
@@ -209,7 +209,7 @@ def test_each_bad_input_gives_one_message_and_leaves_the_model_untouched(host, w
         check_original(host, host.original)
     # a bad tag does not stop a good one
     p = host.generate("<qrlora:bad_arch:1> <qrlora:dog:0.5>")
-    assert "trained for flux" in comments(p)
+    assert "FLUX.1" in comments(p)
     check_applied(host, world, host.original, {"dog": 0.5})
 
 
