@@ -1,4 +1,5 @@
-"""Basis computation for SDXL's 722 transformer linears at r = 64, on full-size shapes.
+"""Basis computation at r = 64 on full-size shapes: SDXL's 722 transformer linears, or with
+``--arch flux`` the 342 official QR-LoRA targets of FLUX.1-dev.
 
 Ours (qrlora.qr.canonical_basis through qrlora.basis.compute_basis, batched per shape)
 against the official way (full fp32 SVD, rank-r core, full reduced QR), both timed in this
@@ -9,7 +10,7 @@ any float32 method); and the time of a basis-cache hit, with the page cache hot 
 Both methods are warmed up the same way (one untimed layer of each shape) before timing.
 Ends with one JSON line.
 
-    python bench/basis.py [--samples 1] [--rank 64] [--full]
+    python bench/basis.py [--arch sdxl|flux] [--samples 1] [--rank 64] [--full]
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ from tests.official_reference import official_qr  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=["sdxl", "flux"], default="sdxl")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--samples", type=int, default=1, help="layers of each shape timed per method (default 1: a short run)")
-    p.add_argument("--full", action="store_true", help="also run ours on all 722 layers (minutes on 2 cores)")
+    p.add_argument("--full", action="store_true", help="also run ours on every layer (minutes on 2 cores)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    arch = archs.get("sdxl")
-    targets = arch.select(arch.linear_targets(real_shapes("sdxl")), "sdxl-all")
+    arch = archs.get(args.arch)
+    preset = {"sdxl": "sdxl-all", "flux": "flux-official"}[args.arch]
+    shapes = real_shapes(args.arch)
+    targets = arch.select(arch.linear_targets(shapes), preset)
     counts = Counter(t.shape for t in targets)
     print(f"{len(targets)} layers, {len(counts)} shapes, rank {args.rank}, {torch.get_num_threads()} threads, device {args.device}")
     gen = torch.Generator().manual_seed(0)
@@ -55,10 +59,10 @@ def main() -> None:
         sample = [t for t in targets if t.shape == shape][: args.samples]
         weights = {t.name: torch.randn(*shape, generator=gen) / shape[1] ** 0.5 for t in sample}
         # warm both sides the same way: one untimed layer of this shape each
-        compute_basis(lambda t: weights[t.name], sample[:1], "sdxl", args.rank, device=args.device)
+        compute_basis(lambda t: weights[t.name], sample[:1], args.arch, args.rank, device=args.device)
         official_qr(weights[sample[0].name], args.rank)
         started = time.perf_counter()
-        q, _ = compute_basis(lambda t: weights[t.name], sample, "sdxl", args.rank, device=args.device)
+        q, _ = compute_basis(lambda t: weights[t.name], sample, args.arch, args.rank, device=args.device)
         ours = (time.perf_counter() - started) / len(sample)
         started = time.perf_counter()
         q_official = {t.name: official_qr(weights[t.name], args.rank)[0] for t in sample}
@@ -82,7 +86,7 @@ def main() -> None:
         v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=gen))
         w = (u * torch.arange(1, k + 1, dtype=torch.float32) ** -0.6) @ v.T
         t = Target("trained-like", "", None, shape)
-        q, _ = compute_basis(lambda _t: w, [t], "sdxl", args.rank, device=args.device)
+        q, _ = compute_basis(lambda _t: w, [t], args.arch, args.rank, device=args.device)
         q_official = official_qr(w, args.rank)[0]
         signs = torch.sign(torch.diagonal(q["trained-like"].T @ q_official))
         trained_worst = max(trained_worst, float((q_official - q["trained-like"] * signs).abs().max()))
@@ -92,18 +96,19 @@ def main() -> None:
         weights = {}
         started = time.perf_counter()
         compute_basis(lambda t: weights.setdefault(t.shape, torch.randn(*t.shape, generator=gen) / t.shape[1] ** 0.5),
-                      targets, "sdxl", args.rank, device=args.device)
+                      targets, args.arch, args.rank, device=args.device)
         full_seconds = time.perf_counter() - started
 
     # A cache hit: a stored 722-layer basis, found from a checkpoint with SDXL's real header
     # (a sparse file: the lookup reads the header and a few bytes of every target weight).
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = os.path.join(tmp, "sd_xl_base_1.0.safetensors")
-        sparse_checkpoint(ckpt, real_shapes("sdxl"))
+        ckpt = os.path.join(tmp, {"sdxl": "sd_xl_base_1.0.safetensors", "flux": "flux1-dev.safetensors"}[args.arch])
+        sparse_checkpoint(ckpt, shapes)
         q_all = {t.name: torch.randn(t.shape[0], args.rank, generator=gen) for t in targets}
         cache = BasisCache(os.path.join(tmp, "cache"))
-        cache.store(Basis("sdxl", args.rank, targets, q_all, "sdxl-r64-benchcache000000", "sdxl-all"), ckpt, "sdxl-all")
-        basis_path = cache.path_for("sdxl-r64-benchcache000000")
+        bench_id = f"{args.arch}-r{args.rank}-benchcache000000"
+        cache.store(Basis(args.arch, args.rank, targets, q_all, bench_id, preset), ckpt, preset)
+        basis_path = cache.path_for(bench_id)
         basis_mb = os.path.getsize(basis_path) / 1e6
         cache_hit = {}
         for page_cache in ("cold", "hot"):
@@ -112,21 +117,22 @@ def main() -> None:
                 if not cold:
                     page_cache = "hot (could not drop the page cache)"
             started = time.perf_counter()
-            hit = cache.lookup(ckpt, args.rank, "sdxl-all")
+            hit = cache.lookup(ckpt, args.rank, preset)
             cache_hit[page_cache] = time.perf_counter() - started
             assert hit is not None and len(hit.targets) == len(targets)
 
     speedup = official_total / ours_total
-    print(f"722 layers: ours {ours_total:.1f} s, official {official_total:.1f} s (extrapolated) -> {speedup:.2f}x faster")
+    print(f"{len(targets)} layers: ours {ours_total:.1f} s, official {official_total:.1f} s (both extrapolated from"
+          f" {args.samples} timed layer(s) per shape) -> {speedup:.2f}x faster")
     if full_seconds is not None:
-        print(f"ours, all 722 layers for real: {full_seconds:.1f} s")
+        print(f"ours, all {len(targets)} layers for real: {full_seconds:.1f} s")
     print(f"Q agreement after sign alignment: max |Q_ours - Q_official| = {worst:.2e};"
           f" against float64: ours {worst_ours:.2e}, official {worst_official:.2e}")
     print(f"Q agreement on trained-like spectra (σ_k ∝ k^-0.6): max |Q_ours - Q_official| = {trained_worst:.2e}")
     print("cache hit (lookup by checkpoint contents, sketch check included) for a "
           f"{basis_mb:.0f} MB basis file: " + ", ".join(f"{v:.3f} s with the page cache {k}" for k, v in cache_hit.items()))
     print(json.dumps({
-        "bench": "basis", "layers": len(targets), "rank": args.rank, "threads": torch.get_num_threads(),
+        "bench": "basis", "arch": args.arch, "layers": len(targets), "samples_per_shape": args.samples, "rank": args.rank, "threads": torch.get_num_threads(),
         "device": args.device, "ours_s": round(ours_total, 2), "official_s": round(official_total, 2),
         "speedup": round(speedup, 2), "ours_full_s": None if full_seconds is None else round(full_seconds, 2),
         "q_max_abs_diff": worst, "q_ours_vs_fp64": worst_ours, "q_official_vs_fp64": worst_official,

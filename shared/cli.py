@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     def basis_source(sp):
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--basis", help="basis file (qrlora basis ...)")
-        g.add_argument("--base", help="base checkpoint to compute the basis from (cached)")
+        g.add_argument("--base", help="base checkpoint (or diffusers FLUX folder) to compute the basis from (cached)")
         sp.add_argument("--cache", help=f"basis cache folder (default {default_cache_dir()}, i.e. $QRLORA_CACHE/basis)")
         sp.add_argument("--device", default="auto", help="where to compute a basis: auto, cpu, cuda")
         sp.add_argument("--max-disagreement", type=float, default=1.0, metavar="PERCENT",
@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_make_tiny, inputs=lambda a: [])
 
     sp = sub.add_parser("basis", help="precompute the basis of a checkpoint")
-    sp.add_argument("checkpoint", help="single-file base model (.safetensors, SGM SDXL or BFL FLUX layout)")
+    sp.add_argument("checkpoint", help="single-file base model (.safetensors: SGM SDXL; BFL FLUX, bare, prefixed or"
+                    " all-in-one, 16-bit), or a diffusers FLUX folder (pipeline or transformer)")
     sp.add_argument("--arch", choices=["sdxl", "flux"], help="default: detected from the file")
     sp.add_argument("--rank", type=int, required=True)
     sp.add_argument("--targets", nargs="+", help="preset (sdxl-all, sdxl-attn, sdxl-te, flux-official, ...) or patterns")
