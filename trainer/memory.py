@@ -153,16 +153,16 @@ def shapes_for(model: str, t5_tokens: int | None = None) -> ModelShapes:
     if name == "tiny-sdxl":
         from qrlora.tiny import sdxl as tiny
 
-        return _sdxl(name, tiny.UNET_CONFIG, tiny.VAE_CONFIG, tiny.TE1_CONFIG, tiny.TE2_CONFIG)
+        return sdxl_shapes(name, tiny.UNET_CONFIG, tiny.VAE_CONFIG, tiny.TE1_CONFIG, tiny.TE2_CONFIG)
     if name == "tiny-flux":
         from qrlora.tiny import flux as tiny
 
-        return _flux(name, tiny.TRANSFORMER_CONFIG, tiny.VAE_CONFIG, tiny.CLIP_CONFIG, tiny.T5_CONFIG, t5_tokens)
+        return flux_shapes(name, tiny.TRANSFORMER_CONFIG, tiny.VAE_CONFIG, tiny.CLIP_CONFIG, tiny.T5_CONFIG, t5_tokens)
     if name == "sdxl-base":
-        return _sdxl(name, real.SDXL_BASE_UNET, SDXL_VAE, real.CLIP_L, real.CLIP_BIGG)
+        return sdxl_shapes(name, real.SDXL_BASE_UNET, SDXL_VAE, real.CLIP_L, real.CLIP_BIGG)
     if name in ("flux1-dev", "flux1-schnell"):
         config = dict(real.FLUX_DEV_TRANSFORMER, guidance_embeds=name == "flux1-dev")
-        return _flux(name, config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
+        return flux_shapes(name, config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
     if os.path.isdir(model):
         return _from_folder(model, t5_tokens)
     if os.path.isfile(model):
@@ -170,7 +170,7 @@ def shapes_for(model: str, t5_tokens: int | None = None) -> ModelShapes:
     raise NoShapes(f"no model shapes for {model!r}: expected one of {', '.join(MODELS)}, a folder or a file")
 
 
-def _sdxl(name, unet_cfg, vae_cfg, te1_cfg, te2_cfg) -> ModelShapes:
+def sdxl_shapes(name, unet_cfg, vae_cfg, te1_cfg, te2_cfg) -> ModelShapes:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -180,7 +180,7 @@ def _sdxl(name, unet_cfg, vae_cfg, te1_cfg, te2_cfg) -> ModelShapes:
         [77, 77], _vae_factor(vae_cfg))
 
 
-def _flux(name, transformer_cfg, vae_cfg, clip_cfg, t5_cfg, t5_tokens) -> ModelShapes:
+def flux_shapes(name, transformer_cfg, vae_cfg, clip_cfg, t5_cfg, t5_tokens) -> ModelShapes:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -209,9 +209,9 @@ def _from_folder(folder: str, t5_tokens) -> ModelShapes:
 
     vae = clean(config("vae", AutoencoderKL))
     if os.path.isdir(os.path.join(folder, "transformer")):
-        return _flux(os.path.basename(folder), clean(config("transformer", FluxTransformer2DModel)), vae,
+        return flux_shapes(os.path.basename(folder), clean(config("transformer", FluxTransformer2DModel)), vae,
                      config("text_encoder"), config("text_encoder_2"), t5_tokens)
-    return _sdxl(os.path.basename(folder), clean(config("unet", UNet2DConditionModel)), vae,
+    return sdxl_shapes(os.path.basename(folder), clean(config("unet", UNet2DConditionModel)), vae,
                  config("text_encoder"), config("text_encoder_2"))
 
 
@@ -231,7 +231,7 @@ def _from_file(path: str, t5_tokens) -> ModelShapes:
               for kind in ("double_blocks", "single_blocks")}
     config = dict(real.FLUX_DEV_TRANSFORMER, num_layers=blocks["double_blocks"], num_single_layers=blocks["single_blocks"],
                   guidance_embeds=any(k.startswith(prefix + "guidance_in.") for k in keys))
-    return _flux(os.path.basename(path), config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
+    return flux_shapes(os.path.basename(path), config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
 
 
 # ----------------------------------------------------------------- counting
@@ -289,7 +289,7 @@ class CheckpointCounter:
         return out
 
 
-def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
     # Module.to() cannot swap fake parameters in place; replacing them is equivalent here.
     for m in module.modules():
         for name, p in list(m._parameters.items()):
@@ -328,31 +328,33 @@ def _dtype_note(by_dtype: dict[torch.dtype, int]) -> str:
 
 
 # ----------------------------------------------------------------- the estimate
-def estimate(s: RunSettings) -> MemoryEstimate:
+def estimate(s: RunSettings, shapes: ModelShapes | None = None) -> MemoryEstimate:
+    """The estimate of run ``s``; ``shapes`` overrides the model ``s.model`` names (say, a
+    FLUX of real width and fewer blocks, as bench/gpu_check.py trains)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer.network import AdapterNetwork
 
     if s.attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {s.attention!r}")
-    shapes = shapes_for(s.model, s.t5_tokens)
+    shapes = shapes or shapes_for(s.model, s.t5_tokens)
     weight_dtype = DTYPES[s.mixed_precision]
     with FakeTensorMode(allow_non_fake_inputs=False), torch.random.fork_rng(devices=[]):
         denoiser = shapes.denoiser()
         vae = shapes.vae()
         encoders = [b() for b in shapes.text_encoders]
-        _cast_parameters(denoiser, weight_dtype)
+        cast_parameters(denoiser, weight_dtype)
         if s.fp8_base and shapes.family == "flux":
             store_fp8(denoiser)
         # the trainer keeps SDXL's VAE in float32 under fp16 (it overflows there); the same rule for FLUX's
-        _cast_parameters(vae, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+        cast_parameters(vae, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
         for te in encoders:
-            _cast_parameters(te, weight_dtype)
+            cast_parameters(te, weight_dtype)
         for m in (denoiser, vae, *encoders):
             m.requires_grad_(False)
 
-        names, modules = _target_modules(s, shapes, denoiser, encoders)
-        network = _network(s, modules)
+        names, modules = target_modules(s, shapes, denoiser, encoders)
+        network = adapter_network(s, modules)
         network.apply()
         rows = _weight_rows(s, shapes, denoiser, vae, encoders)
         adapter = sum(tensor_bytes(network).values())
@@ -413,7 +415,7 @@ def optimizer_state_bytes(s: RunSettings, network) -> int:
     return total
 
 
-def _target_modules(s: RunSettings, shapes: ModelShapes, denoiser, encoders):
+def target_modules(s: RunSettings, shapes: ModelShapes, denoiser, encoders) -> tuple[list[str], dict]:
     """The run's target layer names (the trainer's selection) and their fake nn.Linear modules."""
     from types import SimpleNamespace
 
@@ -445,12 +447,13 @@ def _target_modules(s: RunSettings, shapes: ModelShapes, denoiser, encoders):
     return names, {t.name: lookup[t.name] for t in chosen}
 
 
-def _network(s: RunSettings, modules):
+def adapter_network(s: RunSettings, modules, q: dict | None = None):
+    """The run's AdapterNetwork on ``modules`` (Q: ``q``, else uninitialised of the right shape)."""
     from trainer.network import AdapterNetwork
 
     alpha = s.alpha if s.alpha is not None else float(s.rank)
     if s.network_type == "qrlora":
-        q = {n: torch.empty(m.out_features, s.rank) for n, m in modules.items()}
+        q = q or {n: torch.empty(m.out_features, s.rank) for n, m in modules.items()}
         return AdapterNetwork.qrlora(modules, q, alpha, s.mask)
     return AdapterNetwork.lora(modules, s.rank, alpha)
 
@@ -488,7 +491,7 @@ def _activations(s: RunSettings, shapes: ModelShapes, denoiser, encoders, networ
     backend = SDPBackend.FLASH_ATTENTION if s.attention == "flash" else SDPBackend.MATH
     with saved.hooks(), autocast, sdpa_kernel(backend):
         _text_encoder_forward(s, shapes, encoders)
-        pred, target = _denoiser_forward(s, shapes, denoiser, dtype)
+        pred, target = denoiser_forward(s, shapes, denoiser, dtype)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
     del loss
     return saved.bytes + counter.largest_block
@@ -502,7 +505,7 @@ def _text_encoder_forward(s: RunSettings, shapes: ModelShapes, encoders) -> None
             te(input_ids=torch.zeros(s.batch_size, tokens, dtype=torch.long))
 
 
-def _denoiser_forward(s: RunSettings, shapes: ModelShapes, denoiser, dtype):
+def denoiser_forward(s: RunSettings, shapes: ModelShapes, denoiser, dtype):
     """(prediction, target) of one training forward at the largest bucket, as the families call it."""
     b, (w, h) = s.batch_size, s.bucket
     cfg = denoiser.config
