@@ -21,8 +21,31 @@ def main(argv=None) -> int:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     e = sub.add_parser("evaluate", help="score a lab base again (recipe from its .json report) and update the report")
     e.add_argument("checkpoint")
+    for name, what in (("concept-data", "write an adapter's concept data set (PNG + captions) and its sample prompts"),
+                       ("concept-score", "score the first and last step's samples of a concept's training run")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("--kind", choices=("pattern", "shape"), required=True)
+        c.add_argument("--value", required=True, help="the new pattern or shape, e.g. striped or star")
+        if name == "concept-data":
+            c.add_argument("--out", required=True, help="the image folder to write")
+            c.add_argument("--images", type=int, default=48)
+            c.add_argument("--prompts", type=int, default=16)
+            c.add_argument("--seed", type=int, default=0)
+        else:
+            c.add_argument("--samples", required=True, help="the run's sample/ folder")
+            c.add_argument("--prompt-file", required=True)
     args = parser.parse_args(argv)
     try:
+        if args.command == "concept-data":
+            from .concept import write_dataset
+
+            print(write_dataset(args.out, args.kind, args.value, args.images, args.prompts, args.seed))
+            return 0
+        if args.command == "concept-score":
+            from .concept import score_samples
+
+            print(json.dumps(score_samples(args.samples, args.prompt_file, args.kind, args.value)))
+            return 0
         if args.command == "evaluate":
             report = reevaluate(args.checkpoint)
         else:
