@@ -16,5 +16,7 @@ def preload(parser):
         path_type = str
     parser.add_argument("--qrlora-dir", type=path_type, default=os.path.join(models, "QRLoRA"),
                         help="folder with QR-LoRA ΔR files (.safetensors)")
-    parser.add_argument("--qrlora-basis-dir", type=path_type, default=os.path.join(models, "QRLoRA", "basis"),
+    # Beside the QR-LoRA folder, not inside it: the Extra Networks page shows every subfolder of
+    # its folders as a folder button, and the basis cache (files and entries/) is not a card folder.
+    parser.add_argument("--qrlora-basis-dir", type=path_type, default=os.path.join(models, "QRLoRA-basis"),
                         help="folder where QR-LoRA keeps the bases it computes or is given")

@@ -56,7 +56,7 @@ def test_folders_come_from_command_line_then_settings(host, folder, tmp_path):
     from modules import shared
 
     assert host.engine.library.folders() == [str(folder / "QRLoRA")]
-    assert host.engine.basis_folder().endswith(os.path.join("models", "QRLoRA", "basis"))  # preload's default
+    assert host.engine.basis_folder().endswith(os.path.join("models", "QRLoRA-basis"))  # preload's default
     shared.opts.qrlora_dir = str(tmp_path)
     shared.opts.qrlora_basis_dir = str(tmp_path / "b")
     assert host.engine.library.folders() == [str(tmp_path)] and host.engine.basis_folder() == str(tmp_path / "b")
@@ -130,7 +130,11 @@ def test_preload_defaults():
     spec_globals["preload"](parser)
     args = parser.parse_args([])
     assert args.qrlora_dir == os.path.join("models", "QRLoRA")
-    assert args.qrlora_basis_dir == os.path.join("models", "QRLoRA", "basis")
+    assert args.qrlora_basis_dir == os.path.join("models", "QRLoRA-basis")
+    # not a subfolder of the card folder: A1111's Extra Networks page would show the basis cache
+    # (and its entries/) as folder buttons, as the real-host check saw
+    inside = os.path.relpath(args.qrlora_basis_dir, args.qrlora_dir)
+    assert inside.startswith(os.pardir), inside
 
 
 def test_install_installs_nothing_and_reports_problems():
