@@ -89,7 +89,8 @@ class WebUI:
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.json"), "w") as f:
             json.dump({"live_previews_enable": False, "show_progress_every_n_steps": -1}, f)
-        shutil.rmtree(os.path.join(self.webui, "models", "QRLoRA", "basis"), ignore_errors=True)
+        for old in (("QRLoRA", "basis"), ("QRLoRA-basis",)):  # the default before and after c9c926e
+            shutil.rmtree(os.path.join(self.webui, "models", *old), ignore_errors=True)
         for leftover in ("QRLoRA/dog.json", "QRLoRA/dog.safetensors", "Lora/exported.safetensors"):
             path = os.path.join(self.webui, "models", leftover)
             if os.path.exists(path):
@@ -375,7 +376,7 @@ class UI:
         self.set_prompt("")
 
     def check_card_folders(self) -> None:
-        """After the basis was computed into models/QRLoRA/basis, the refreshed card page offers
+        """After the basis was computed into the basis cache, the refreshed card page offers
         only folders of ΔR files, not the basis cache."""
         self.open_cards()
         self.page.locator("#txt2img_qr-lora_extra_refresh:visible").click()
