@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import core, syntax
+from . import blocks, core, syntax
 from .bases import BasisResolver, LoadedModel
 from .library import Library, LookupFailed
 from .planner import FileCache, Fuser, FusedGroup, Member
@@ -57,6 +57,8 @@ class Engine:
         self.files = FileCache()
         self.resolver = BasisResolver(basis_folder, lambda: options.basis_device, log, status, keep=2)
         self.fuser = Fuser()
+        # lbw= presets: built-in plus qrlora_presets.txt in the first QR-LoRA folder
+        self.presets = blocks.Presets(lambda: next(iter(folders()), None), log=log)
         self._recent: list[set[str]] = []  # files used by the last plans (first pass and hires pass)
 
     def plan(self, tags_items: Sequence[Sequence[str]], model: ModelInfo) -> Plan:
@@ -125,7 +127,17 @@ class Engine:
         if problem:
             plan.say(f"<qrlora:{tag.name}> not applied: {problem}")
             return None
-        return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet)
+        weights = None
+        if tag.lbw is not None:  # the list's length is checked against the file's architecture
+            try:
+                weights = blocks.resolve(tag.lbw, d.arch, self.presets)
+            except blocks.BlockError as e:
+                plan.say(f"<qrlora:{tag.name}> not applied: {e}")
+                return None
+        if tag.start is not None or tag.stop is not None:
+            plan.say(f"<qrlora:{tag.name}>: start=/stop= step windows are not applied in this version; "
+                     "the tag applies at every step")
+        return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet, weights)
 
     def _fuse(self, group: list[Member], model: ModelInfo, plan: Plan) -> FusedGroup | None:
         group = _fusable(group, plan)

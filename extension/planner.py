@@ -1,8 +1,9 @@
 """From resolved tags to what gets applied: files grouped by basis, fused per layer.
 
-For the files of one basis, every layer gets one ΔR: ``Σᵢ mᵢ·sᵢ·ΔRᵢ`` (mᵢ = the tag's te or
-unet multiplier, sᵢ = alphaᵢ/r; summed by ``qrlora.fusion``, as ``qrlora fuse`` does), so the host applies ``W + Q·ΔR_fused`` once, whatever the
-number of files. Files that do not fuse (another basis or mask) form separate groups, applied
+For the files of one basis, every layer gets one ΔR: ``Σᵢ mᵢ·wᵢ(block)·sᵢ·ΔRᵢ`` (mᵢ = the
+tag's te or unet multiplier, wᵢ(block) its ``lbw=`` weight for the layer's block, 1 without
+``lbw=``, sᵢ = alphaᵢ/r; summed by ``qrlora.fusion``, as ``qrlora fuse`` does), so the host
+applies ``W + Q·ΔR_fused`` once, whatever the number of files. Files that do not fuse (another basis or mask) form separate groups, applied
 one after another.
 Loaded files and fused groups are cached, so changing λ re-fuses small r × in tensors and
 never touches a basis.
@@ -30,10 +31,18 @@ class Member:
     deltar: object  # shared.deltar.DeltaR
     te: float
     unet: float
+    blocks: object = None  # blocks.BlockWeights of the tag's lbw=, or None (every block 1)
 
     def coefficient(self, layer: str) -> float:
         m = self.te if keymap.is_text_encoder(layer) else self.unet
+        if self.blocks is not None:
+            m *= self.blocks.for_key(self.deltar.targets[layer].key)
         return m * self.deltar.scale
+
+    def identity_data(self) -> list:
+        weights = None if self.blocks is None else [repr(float(v)) for v in self.blocks.values]
+        return [os.path.realpath(self.path), self.mtime_ns, self.size, repr(float(self.te)), repr(float(self.unet)),
+                weights]
 
 
 @dataclass
@@ -85,8 +94,7 @@ class FileCache:
 
 
 def identity(basis_id: str, members: list[Member]) -> str:
-    data = [basis_id] + [[os.path.realpath(m.path), m.mtime_ns, m.size, repr(float(m.te)), repr(float(m.unet))]
-                         for m in members]
+    data = [basis_id] + [m.identity_data() for m in members]
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:12]
 
 

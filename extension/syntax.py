@@ -7,8 +7,10 @@ arguments are the name and λ; everything else is ``key=value``:
 
 - ``te=`` / ``unet=``: λ for the text-encoder / UNet layers (default: λ), as Lora's
   ``<lora:name:te=…:unet=…>``;
-- anything else gives a readable warning and is ignored. Keys reserved for later
-  (``lbw=`` per-block weights) are recognised and say so.
+- ``lbw=``: per-block weights, a preset name or a list in lbw's block lists (``blocks.py``);
+  the list's numbers are checked here, its length against the loaded model by the engine;
+- ``start=`` / ``stop=``: the sampling step window (lbw's keys), whole numbers ≥ 0;
+- anything else gives a readable warning and is ignored.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from . import blocks
+
 TAG = "qrlora"
 INFOTEXT_KEY = "QR-LoRA hashes"
 
-# key -> what it is, for keys a later version will understand
+# key -> why it is ignored, for keys other tags know
 RESERVED = {
-    "lbw": "per-block weights (lbw=) are not supported yet",
-    "preset": "block presets are not supported yet",
+    "preset": "write block presets as lbw=NAME",
+    "lbwe": "lbw's elemental weights (lbwe=) are not supported; use lbw=",
     "dyn": "dyn= has no meaning for QR-LoRA (the rank is fixed by the basis)",
 }
-NUMERIC = ("te", "unet")
+KNOWN = ("te", "unet", "lbw", "start", "stop")
 
 
 class TagError(ValueError):
@@ -40,8 +44,11 @@ class Tag:
     multiplier: float
     te: float
     unet: float
-    options: dict[str, str] = field(default_factory=dict)  # understood later (lbw=, ...)
+    options: dict[str, str] = field(default_factory=dict)  # ignored keys other tags know
     warnings: list[str] = field(default_factory=list)
+    lbw: str | None = None  # per-block weights as written: a preset name or a list
+    start: int | None = None  # first sampling step the tag applies to
+    stop: int | None = None  # first sampling step it no longer applies to
 
     def multiplier_for(self, text_encoder: bool) -> float:
         return self.te if text_encoder else self.unet
@@ -83,6 +90,34 @@ def _number(text: str, what: str, tag: str) -> float:
     return value
 
 
+def _step(text: str, key: str, tag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise TagError(f"<qrlora:{tag}>: {key}= expects a sampling step (a whole number ≥ 0), not {text!r}") from None
+    if value < 0:
+        raise TagError(f"<qrlora:{tag}>: {key}= expects a sampling step (a whole number ≥ 0), not {text!r}")
+    return value
+
+
+def _lbw(text: str, tag: str) -> str:
+    spec = text.strip()
+    if not spec:
+        raise TagError(f"<qrlora:{tag}>: lbw= needs a preset name or a list of block weights")
+    if blocks.looks_like_list(spec):
+        try:
+            values = blocks.parse_list(spec)
+        except blocks.BlockError as e:
+            raise TagError(f"<qrlora:{tag}>: lbw= {e}; expected numbers separated by commas "
+                           f"(SDXL 12 or 20 weights, FLUX 61 or 57) or a preset name") from None
+        if len(values) not in blocks.accepted_lengths():
+            raise TagError(f"<qrlora:{tag}>: lbw= has {len(values)} weights; expected SDXL 12 or 20, FLUX 61 or 57, "
+                           "or a preset name")
+    elif not re.fullmatch(r"[\w.+-]+", spec):
+        raise TagError(f"<qrlora:{tag}>: lbw={spec} is neither a preset name nor a list of numbers")
+    return spec
+
+
 def parse_tag(items: Sequence[str], default_multiplier: float = 1.0) -> Tag:
     """One tag's items -> Tag; TagError if it cannot be used."""
     positional, named = split_items(items)
@@ -100,18 +135,28 @@ def parse_tag(items: Sequence[str], default_multiplier: float = 1.0) -> Tag:
         )
     te = unet = multiplier
     options = {}
+    lbw = start = stop = None
     for key, value in named.items():
         if key == "te":
             te = _number(value, "te=", name)
         elif key == "unet":
             unet = _number(value, "unet=", name)
+        elif key == "lbw":
+            lbw = _lbw(value, name)
+        elif key in ("start", "stop"):
+            if key == "start":
+                start = _step(value, key, name)
+            else:
+                stop = _step(value, key, name)
         elif key in RESERVED:
             options[key] = value
             warnings.append(f"<qrlora:{name}>: {RESERVED[key]}; {key}={value} ignored")
         else:
-            known = ", ".join(f"{k}=" for k in NUMERIC)
+            known = ", ".join(f"{k}=" for k in KNOWN)
             warnings.append(f"<qrlora:{name}>: unknown option {key}={value} ignored (known: {known})")
-    return Tag(name, multiplier, te, unet, options, warnings)
+    if start is not None and stop is not None and stop <= start:
+        raise TagError(f"<qrlora:{name}>: stop={stop} must be after start={start} (steps count from 0)")
+    return Tag(name, multiplier, te, unet, options, warnings, lbw, start, stop)
 
 
 # ----------------------------------------------------------------- infotext

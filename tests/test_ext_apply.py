@@ -214,9 +214,9 @@ def test_each_bad_input_gives_one_message_and_leaves_the_model_untouched(host, w
 
 
 def test_unknown_options_warn_and_still_apply(host, world):
-    p = host.generate("<qrlora:dog:0.5:lbw=1,0,1:foo=2>")
+    p = host.generate("<qrlora:dog:0.5:lbwe=ATTNDEEPOFF:foo=2>")
     text = comments(p)
-    assert "lbw=" in text and "not supported yet" in text
+    assert "lbwe=" in text and "not supported" in text
     assert "unknown option foo=2" in text
     check_applied(host, world, host.original, {"dog": 0.5})
 

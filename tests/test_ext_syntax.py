@@ -27,11 +27,34 @@ def test_te_and_unet_override_lambda():
 
 
 def test_unknown_and_reserved_keys_warn():
-    t = tag("dog:1:lbw=1,0,0.5:color=red")
-    assert t.options == {"lbw": "1,0,0.5"}
-    assert any("lbw=" in w and "not supported yet" in w for w in t.warnings)
-    assert any("unknown option color=red" in w and "te=" in w for w in t.warnings)
+    t = tag("dog:1:lbwe=ATTNDEEPOFF:color=red")
+    assert t.options == {"lbwe": "ATTNDEEPOFF"}
+    assert any("lbwe=" in w and "not supported" in w for w in t.warnings)
+    assert any("unknown option color=red" in w and "lbw=" in w for w in t.warnings)
     assert tag("dog:1:0.5").warnings  # a third positional argument is not silently taken
+
+
+def test_lbw_preset_list_and_step_window():
+    twelve = "1,0,0,0,0,0,1,0.5,0,0,0,-1"
+    t = tag(f"dog:0.8:lbw={twelve}:start=3:stop=10")
+    assert (t.lbw, t.start, t.stop, t.warnings) == (twelve, 3, 10, [])
+    assert tag("dog:lbw=content").lbw == "content"
+    assert tag("dog").lbw is None and tag("dog").start is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dog:1:lbw=1,0,R,0,0,0,1,0,0,0,0,0", r"<qrlora:dog>: lbw= weight 3 \('R'\) is not a number"),
+    ("dog:1:lbw=1,0,0", r"<qrlora:dog>: lbw= has 3 weights; expected"),
+    ("dog:1:lbw=1,0,nan,0,0,0,1,0,0,0,0,0", r"weight 3 \('nan'\) is not a finite number"),
+    ("dog:1:lbw=", r"lbw= needs a preset name"),
+    ("dog:1:lbw=a b", r"neither a preset name nor a list"),
+    ("dog:1:start=x", r"start= expects a sampling step"),
+    ("dog:1:stop=-2", r"stop= expects a sampling step"),
+    ("dog:1:start=5:stop=5", r"stop=5 must be after start=5"),
+])
+def test_bad_block_weights_and_windows_name_the_tag(text, expected):
+    with pytest.raises(syntax.TagError, match=expected):
+        tag(text)
 
 
 @pytest.mark.parametrize("bad", ["dog:abc", "dog:nan", "dog:inf", "dog:1:te=x", ""])
