@@ -61,7 +61,7 @@ def case_settings(name: str, args) -> memory.RunSettings:
     return memory.RunSettings(
         model=name, mixed_precision="bf16", fp8_base=name == "flux_fp8", rank=args.rank, optimizer="adamw",
         batch_size=1, bucket=(args.resolution, args.resolution), gradient_checkpointing=True,
-        text_encoders_resident=name == "sdxl")
+        text_encoders="resident" if name == "sdxl" else "freed")
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ def build(s: memory.RunSettings, shapes: memory.ModelShapes, device: torch.devic
     with torch.device(device), default_dtype(torch.bfloat16):
         denoiser = shapes.denoiser()
         vae = shapes.vae()
-    with torch.device(device if s.text_encoders_resident else "meta"), default_dtype(torch.bfloat16):
+    with torch.device(device if s.text_encoders == "resident" else "meta"), default_dtype(torch.bfloat16):
         encoders = [b() for b in shapes.text_encoders]  # on meta they only name the targets
     for m in (denoiser, vae, *encoders):
         m.requires_grad_(False)
@@ -99,7 +99,7 @@ def build(s: memory.RunSettings, shapes: memory.ModelShapes, device: torch.devic
     denoiser.train()
     denoiser.enable_gradient_checkpointing()
     optimizer = make_optimizer("adamw", [{"params": network.trainable_parameters()}], 1e-4)
-    kept = [vae, *(encoders if s.text_encoders_resident else [])]
+    kept = [vae, *(encoders if s.text_encoders == "resident" else [])]
     return denoiser, kept, network, optimizer
 
 

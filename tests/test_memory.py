@@ -86,7 +86,7 @@ def test_fp8_base_halves_the_flux_transformer(single_threaded):
 
 def test_cached_text_encoder_outputs_free_the_encoders(single_threaded):
     resident = estimate(RunSettings(model="builtin:tiny-flux", rank=RANK, bucket=(64, 64)))
-    cached = estimate(RunSettings(model="builtin:tiny-flux", rank=RANK, bucket=(64, 64), text_encoders_resident=False))
+    cached = estimate(RunSettings(model="builtin:tiny-flux", rank=RANK, bucket=(64, 64), text_encoders="freed"))
     assert _row(resident, "text encoder weights") > 0 and _row(cached, "text encoder weights") == 0
     assert resident.total - cached.total == _row(resident, "text encoder weights")
 
@@ -167,10 +167,35 @@ def test_dry_run_prints_the_estimate(tmp_path, single_threaded):
 
 def test_memory_command_json(single_threaded):
     out = subprocess.run([sys.executable, "-m", "trainer.memory", "--model", "tiny-flux", "--resolution", "64",
-                          "--rank", "4", "--fp8-base", "--cache-text-encoder-outputs", "--json"],
+                          "--rank", "4", "--fp8-base", "--text-encoders", "freed", "--json"],
                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["total_bytes"] == sum(r["bytes"] for r in report["rows"])
     assert "fp8 base" in report["description"] and "freed" in report["description"]
 
+
+
+@pytest.mark.parametrize("example, overrides, place", [
+    ("demo.toml", ["training.cache_text_encoder_outputs=true"], "resident"),  # the SDXL family keeps them
+    ("flux-demo.toml", ["training.cache_text_encoder_outputs=true", "flux.offload_text_encoders=false"], "freed"),
+    ("flux-demo.toml", ["training.cache_text_encoder_outputs=false", "flux.offload_text_encoders=false"], "resident"),
+    ("flux-demo.toml", ["flux.offload_text_encoders=true"], "offloaded"),
+])
+def test_config_says_where_the_text_encoders_are(example, overrides, place, tmp_path):
+    from trainer.config import load_config
+    from trainer.memory import settings_from_config
+
+    cfg = load_config(os.path.join(REPO, "examples", example), [f"training.output_dir={tmp_path}", *overrides])
+    s = settings_from_config(cfg, (64, 64), 1)
+    assert s.text_encoders == place
+    assert s.fp8_base == cfg.model.fp8_base and s.t5_tokens == cfg.flux.t5xxl_max_token_length
+
+
+def test_trained_text_encoders_stay_and_keep_activations(single_threaded):
+    frozen = estimate(RunSettings(model="builtin:tiny-sdxl", rank=RANK, bucket=(64, 64), text_encoders="freed"))
+    trained = estimate(RunSettings(model="builtin:tiny-sdxl", rank=RANK, bucket=(64, 64), text_encoders="freed",
+                                   train_text_encoder=True))
+    assert _row(frozen, "text encoder weights") == 0 < _row(trained, "text encoder weights")
+    assert trained.targets > frozen.targets
+    assert trained.activations[False] > frozen.activations[False]

@@ -81,7 +81,7 @@ class RunSettings:
     batch_size: int = 1
     bucket: tuple[int, int] = (1024, 1024)  # (width, height) of the largest bucket
     gradient_checkpointing: bool = True
-    text_encoders_resident: bool = True  # False: outputs cached, encoders freed
+    text_encoders: str = "resident"  # on the GPU; "freed": outputs cached, encoders dropped; "offloaded": CPU
     t5_tokens: int | None = None  # FLUX: t5xxl_max_token_length; None: 512 (dev), 256 (schnell)
     attention: str = "flash"
 
@@ -354,16 +354,19 @@ def estimate(s: RunSettings, shapes: ModelShapes | None = None) -> MemoryEstimat
             m.requires_grad_(False)
 
         names, modules = target_modules(s, shapes, denoiser, encoders)
+        in_denoiser = set(denoiser.modules())
+        te_trained = any(m not in in_denoiser for m in modules.values())
         network = adapter_network(s, modules)
         network.apply()
-        rows = _weight_rows(s, shapes, denoiser, vae, encoders)
+        rows = _weight_rows(s, shapes, denoiser, vae, encoders, te_trained)
         adapter = sum(tensor_bytes(network).values())
         params = sum(p.numel() * p.element_size() for p in network.trainable_parameters())
         kind = "ΔR + Q buffers" if s.network_type == "qrlora" else "LoRA up + down"
         rows.append(Row(f"adapters ({len(names)} layers, r={s.rank})", adapter, kind + ", float32"))
         rows.append(Row("adapter gradients", params, "float32"))
         rows.append(Row(f"optimizer state ({s.optimizer})", optimizer_state_bytes(s, network), _OPT_NOTES.get(s.optimizer.lower(), "")))
-        activations = {ckpt: _activations(s, shapes, denoiser, encoders, network, ckpt) for ckpt in (False, True)}
+        activations = {ckpt: _activations(s, shapes, denoiser, encoders if te_trained else [], network, ckpt)
+                       for ckpt in (False, True)}
     configured = activations[s.gradient_checkpointing]
     w, h = s.bucket
     rows.append(Row(f"activations ({'with' if s.gradient_checkpointing else 'without'} gradient checkpointing)", configured,
@@ -373,7 +376,7 @@ def estimate(s: RunSettings, shapes: ModelShapes | None = None) -> MemoryEstimat
     description = (f"{shapes.name}, {s.network_type} r={s.rank}, {len(names)} targets, {precision}{fp8}, "
                    f"{s.optimizer}, batch {s.batch_size} at {w}x{h}, gradient checkpointing "
                    f"{'on' if s.gradient_checkpointing else 'off'}, text encoders "
-                   f"{'resident' if s.text_encoders_resident or s.train_text_encoder else 'freed (outputs cached)'}")
+                   f"{'resident' if te_trained else _TE_PLACES[s.text_encoders]}")
     return MemoryEstimate(s, description, rows, activations, len(names), assumptions(s))
 
 
@@ -458,7 +461,10 @@ def adapter_network(s: RunSettings, modules, q: dict | None = None):
     return AdapterNetwork.lora(modules, s.rank, alpha)
 
 
-def _weight_rows(s: RunSettings, shapes, denoiser, vae, encoders) -> list[Row]:
+_TE_PLACES = {"resident": "resident", "freed": "freed (outputs cached)", "offloaded": "offloaded to the CPU"}
+
+
+def _weight_rows(s: RunSettings, shapes, denoiser, vae, encoders, te_trained: bool) -> list[Row]:
     rows = []
     main = tensor_bytes(denoiser)
     rows.append(Row(f"{'unet' if shapes.family == 'sdxl' else 'transformer'} weights", sum(main.values()), _dtype_note(main)))
@@ -468,10 +474,13 @@ def _weight_rows(s: RunSettings, shapes, denoiser, vae, encoders) -> list[Row]:
     for e in encoders:
         for d, b in tensor_bytes(e).items():
             te[d] = te.get(d, 0) + b
-    if s.text_encoders_resident or s.train_text_encoder:
+    if s.text_encoders not in _TE_PLACES:
+        raise ValueError(f"text_encoders must be one of {', '.join(_TE_PLACES)}, got {s.text_encoders!r}")
+    if s.text_encoders == "resident" or te_trained:
         rows.append(Row("text encoder weights", sum(te.values()), _dtype_note(te)))
     else:
-        rows.append(Row("text encoder weights", 0, f"outputs cached, encoders freed ({sum(te.values()) / MIB:,.1f} MiB)"))
+        rows.append(Row("text encoder weights", 0, f"{_TE_PLACES[s.text_encoders]}: {sum(te.values()) / MIB:,.1f} MiB"
+                                                   " off the GPU"))
     return rows
 
 
@@ -498,11 +507,11 @@ def _activations(s: RunSettings, shapes: ModelShapes, denoiser, encoders, networ
 
 
 def _text_encoder_forward(s: RunSettings, shapes: ModelShapes, encoders) -> None:
-    """Trained text encoders run inside the counted forward; frozen ones run without gradients
-    (or not at all, outputs cached), so the denoiser gets their outputs as plain inputs."""
-    if s.train_text_encoder:
-        for te, tokens in zip(encoders, shapes.text_tokens):
-            te(input_ids=torch.zeros(s.batch_size, tokens, dtype=torch.long))
+    """Trained text encoders (``encoders``) run inside the counted forward; frozen ones are not
+    passed: they run without gradients (or not at all, outputs cached), so the denoiser gets
+    their outputs as plain inputs."""
+    for te, tokens in zip(encoders, shapes.text_tokens):
+        te(input_ids=torch.zeros(s.batch_size, tokens, dtype=torch.long))
 
 
 def denoiser_forward(s: RunSettings, shapes: ModelShapes, denoiser, dtype):
@@ -530,16 +539,23 @@ def denoiser_forward(s: RunSettings, shapes: ModelShapes, denoiser, dtype):
 # ----------------------------------------------------------------- from a config, and the command
 def settings_from_config(cfg, bucket: tuple[int, int], batch_size: int) -> RunSettings:
     """The settings of a configured run whose largest bucket is ``bucket`` (width, height)."""
-    t, n = cfg.training, cfg.network
+    from trainer.setup import family_for
+
+    t, n, flux = cfg.training, cfg.network, cfg.flux
     cached = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
-    # FLUX options (fp8_base, t5xxl_max_token_length) exist only where the FLUX family declares them
-    tokens = getattr(cfg.model, "t5xxl_max_token_length", None) or getattr(t, "t5xxl_max_token_length", None)
-    fp8 = getattr(cfg.model, "fp8_base", None) or getattr(t, "fp8_base", False)
+    # where the trainer keeps the encoders during training (trainer.loop: a family that frees
+    # them after caching, unless they are trained; [flux] offload_text_encoders: CPU memory)
+    if flux.offload_text_encoders and family_for(cfg).name == "flux":
+        encoders = "offloaded"
+    elif cached and family_for(cfg).frees_text_encoders:
+        encoders = "freed"
+    else:
+        encoders = "resident"
     return RunSettings(
-        model=cfg.model.pretrained, mixed_precision=t.mixed_precision, fp8_base=bool(fp8), network_type=n.type,
+        model=cfg.model.pretrained, mixed_precision=t.mixed_precision, fp8_base=cfg.model.fp8_base, network_type=n.type,
         rank=n.rank, alpha=n.alpha, mask=n.mask, targets=n.targets, train_text_encoder=n.train_text_encoder,
         optimizer=t.optimizer, optimizer_args=dict(t.optimizer_args), batch_size=batch_size, bucket=tuple(bucket),
-        gradient_checkpointing=t.gradient_checkpointing, text_encoders_resident=not cached, t5_tokens=tokens)
+        gradient_checkpointing=t.gradient_checkpointing, text_encoders=encoders, t5_tokens=flux.t5xxl_max_token_length)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -560,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-base", action="store_true", help="FLUX: transformer stored in float8_e4m3fn")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "adamw8bit", "prodigy"))
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--cache-text-encoder-outputs", action="store_true", help="encoders freed after caching")
+    p.add_argument("--text-encoders", default="resident", choices=tuple(_TE_PLACES),
+                   help="resident on the GPU; freed (outputs cached, FLUX); offloaded (FLUX: kept in CPU memory)")
     p.add_argument("--attention", default="flash", choices=ATTENTION)
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON line")
     return p
@@ -579,7 +596,7 @@ def main(argv=None) -> int:
                         network_type=args.type, rank=args.rank, targets=targets, optimizer=args.optimizer,
                         batch_size=args.batch_size, bucket=(args.resolution, args.resolution),
                         gradient_checkpointing=not args.no_gradient_checkpointing,
-                        text_encoders_resident=not args.cache_text_encoder_outputs, attention=args.attention)
+                        text_encoders=args.text_encoders, attention=args.attention)
         e = estimate(s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
