@@ -11,7 +11,8 @@ against A1111 v1.10 and Forge (same files in both unless noted):
   ``on_infotext_pasted``, ``on_app_started``, ``on_script_unloaded``;
 - ``modules/extra_networks.py``: ``ExtraNetwork``, ``register_extra_network``;
 - ``modules/ui_extra_networks.py``: ``register_page``;
-- ``modules/scripts.py``: ``Script``, ``AlwaysVisible``; Forge only:
+- ``modules/scripts.py``: ``Script``, ``AlwaysVisible``, ``scripts_data`` (for the X/Y/Z plot
+  axes, ``xyz.py``); Forge only:
   ``Script.after_extra_networks_activate`` and ``process_before_every_sampling`` (called for
   always-visible scripts).
 """
@@ -193,6 +194,12 @@ def setup():
             ui_extra_networks.register_page(make_page(ui_extra_networks, engine, shared))
         except Exception as e:  # the page is optional; the tag must work regardless
             log(f"the Extra Networks page is unavailable: {e}")
+        try:  # after every script has loaded: the X/Y/Z plot script is in scripts_data
+            from . import xyz
+
+            xyz.register(scripts, engine, log)
+        except Exception as e:  # the axes are optional; the tag must work regardless
+            log(f"the X/Y/Z plot axes are unavailable: {e}")
 
     script_callbacks.on_before_ui(before_ui)
     script_callbacks.on_infotext_pasted(lambda infotext, params: infotext_pasted(engine, params))

@@ -111,6 +111,12 @@ class Host:
         # modules/scripts.load_scripts: ``sys.path = [basedir] + sys.path`` around our script file,
         # loaded by path. A1111 puts the saved list back afterwards; Forge keeps the new list for
         # the whole session (our entry file takes the folder off it again).
+        # the built-in scripts/xyz_grid.py is loaded before extensions' scripts (load_scripts)
+        from modules import scripts as host_scripts
+
+        self.xyz = self._run_file(os.path.join(HOSTS, "xyz_grid.py"))
+        host_scripts.scripts_data[:] = [host_scripts.ScriptClassData(
+            type("Script", (), {"__module__": "xyz_grid.py"}), os.path.join(HOSTS, "xyz_grid.py"), HOSTS, self.xyz)]
         saved = sys.path
         sys.path = [ROOT] + sys.path
         try:

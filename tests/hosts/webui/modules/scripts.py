@@ -8,6 +8,11 @@ script module's ``__dict__``.
 """
 
 import inspect
+from collections import namedtuple
+
+# A1111 v1.10 / Forge modules/scripts.py: every loaded script class, with the module it came from
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+scripts_data = []
 
 
 class AlwaysVisibleType:
