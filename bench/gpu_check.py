@@ -48,12 +48,13 @@ GIB = 2**30
 
 def case_shapes(name: str, flux_blocks: tuple[int, int]) -> memory.ModelShapes:
     from qrlora.tiny import real
+    from trainer.families.flux_load import FLUX_AE
 
     if name == "sdxl":
         return memory.shapes_for("sdxl-base")
     double, single = flux_blocks
     config = dict(real.FLUX_DEV_TRANSFORMER, num_layers=double, num_single_layers=single)
-    return memory.flux_shapes(f"flux1-dev ({double}+{single} blocks)", config, memory.FLUX_AE, real.CLIP_L,
+    return memory.flux_shapes(f"flux1-dev ({double}+{single} blocks)", config, FLUX_AE, real.CLIP_L,
                               memory.T5_XXL, None)
 
 

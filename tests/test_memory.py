@@ -199,3 +199,14 @@ def test_trained_text_encoders_stay_and_keep_activations(single_threaded):
     assert _row(frozen, "text encoder weights") == 0 < _row(trained, "text encoder weights")
     assert trained.targets > frozen.targets
     assert trained.activations[False] > frozen.activations[False]
+
+
+def test_a_flux_single_file_is_read_off_its_shapes(tiny_flux, single_threaded):
+    """A BFL file's transformer is sized as the FLUX loader sizes it (here from model.config_dir),
+    not taken for FLUX.1-dev."""
+    from_file = estimate(RunSettings(model=tiny_flux.checkpoint, config_dir=tiny_flux.config_dir, rank=RANK,
+                                     bucket=(64, 64)))
+    builtin = estimate(RunSettings(model="builtin:tiny-flux", rank=RANK, bucket=(64, 64)))
+    assert _row(from_file, "transformer weights") == _row(builtin, "transformer weights")
+    assert from_file.targets == builtin.targets
+    assert _row(from_file, "adapters") == _row(builtin, "adapters")

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,15 +47,8 @@ ATTENTION = ("flash", "math")
 # Built-in shape sets (``--model``): the released models' configs and the tiny test models'.
 MODELS = ("sdxl-base", "flux1-dev", "flux1-schnell", "tiny-sdxl", "tiny-flux")
 
-# Released configs not in qrlora.tiny.real: google/t5-v1_1-xxl's encoder (FLUX's text_encoder_2)
-# and the two VAEs (FLUX's ae: 16 latent channels; SDXL's: 4).
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False, use_cache=False)
-_VAE_COMMON = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                   layers_per_block=2)
-FLUX_AE = dict(_VAE_COMMON, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
-SDXL_VAE = dict(_VAE_COMMON, latent_channels=4)
+# google/t5-v1_1-xxl's encoder sizes (FLUX's text_encoder_2; the loader reads them off a file's shapes)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
 
 
 class NoShapes(ValueError):
@@ -68,6 +60,7 @@ class RunSettings:
     """Everything that changes the figure."""
 
     model: str  # one of MODELS, or a path whose shapes are read (see ``shapes_for``)
+    config_dir: str | None = None  # model.config_dir: diffusers configs for a single file
     mixed_precision: str = "bf16"
     fp8_base: bool = False
     network_type: str = "qrlora"
@@ -143,7 +136,7 @@ class ModelShapes:
     vae_factor: int  # pixels per latent along each side
 
 
-def shapes_for(model: str, t5_tokens: int | None = None) -> ModelShapes:
+def shapes_for(model: str, t5_tokens: int | None = None, config_dir: str | None = None) -> ModelShapes:
     """The component builders of ``model``: a name in MODELS, ``builtin:tiny-*``, a diffusers
     folder (its configs), or a single file (SDXL: the released architecture; FLUX: FLUX.1
     with the file's block counts and guidance embedding)."""
@@ -159,14 +152,18 @@ def shapes_for(model: str, t5_tokens: int | None = None) -> ModelShapes:
 
         return flux_shapes(name, tiny.TRANSFORMER_CONFIG, tiny.VAE_CONFIG, tiny.CLIP_CONFIG, tiny.T5_CONFIG, t5_tokens)
     if name == "sdxl-base":
-        return sdxl_shapes(name, real.SDXL_BASE_UNET, SDXL_VAE, real.CLIP_L, real.CLIP_BIGG)
+        from trainer.families.sdxl_load import SDXL_BASE_VAE
+
+        return sdxl_shapes(name, real.SDXL_BASE_UNET, SDXL_BASE_VAE, real.CLIP_L, real.CLIP_BIGG)
     if name in ("flux1-dev", "flux1-schnell"):
+        from trainer.families.flux_load import FLUX_AE
+
         config = dict(real.FLUX_DEV_TRANSFORMER, guidance_embeds=name == "flux1-dev")
         return flux_shapes(name, config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
     if os.path.isdir(model):
         return _from_folder(model, t5_tokens)
     if os.path.isfile(model):
-        return _from_file(model, t5_tokens)
+        return _from_file(model, t5_tokens, config_dir)
     raise NoShapes(f"no model shapes for {model!r}: expected one of {', '.join(MODELS)}, a folder or a file")
 
 
@@ -184,6 +181,9 @@ def flux_shapes(name, transformer_cfg, vae_cfg, clip_cfg, t5_cfg, t5_tokens) -> 
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    from trainer.families.flux_load import T5_V1_1
+
+    t5_cfg = {**T5_V1_1, **t5_cfg}
     # kohya's t5xxl_max_token_length defaults: 512 for dev (guidance-distilled), 256 for schnell
     tokens = t5_tokens or (512 if transformer_cfg.get("guidance_embeds", True) else 256)
     return ModelShapes(
@@ -215,22 +215,24 @@ def _from_folder(folder: str, t5_tokens) -> ModelShapes:
                  config("text_encoder"), config("text_encoder_2"))
 
 
-def _from_file(path: str, t5_tokens) -> ModelShapes:
+def _from_file(path: str, t5_tokens, config_dir: str | None) -> ModelShapes:
+    """SDXL files all share SDXL base's architecture; a FLUX transformer's config is read off
+    its shapes by the FLUX loader (block counts, widths, guidance embedding), with the released
+    AE, CLIP-L and T5-XXL beside it."""
     from qrlora import archs
     from qrlora.archs.flux import checkpoint_prefix
-    from qrlora.checkpoint import read_header
+    from qrlora.checkpoint import SafetensorsFile
     from qrlora.tiny import real
+    from trainer.families.flux_load import FLUX_AE, transformer_config
 
-    keys = read_header(path)[0].keys()
-    prefix = checkpoint_prefix(keys)
+    shapes = SafetensorsFile(path).shapes()
+    prefix = checkpoint_prefix(shapes)
     if prefix is None:
-        if archs.get("sdxl").detect(keys):
+        if archs.get("sdxl").detect(shapes):
             return shapes_for("sdxl-base")
         raise NoShapes(f"{path}: neither an SDXL nor a FLUX checkpoint")
-    blocks = {kind: len({m.group(1) for k in keys if (m := re.match(rf"{re.escape(prefix)}{kind}\.(\d+)\.", k))})
-              for kind in ("double_blocks", "single_blocks")}
-    config = dict(real.FLUX_DEV_TRANSFORMER, num_layers=blocks["double_blocks"], num_single_layers=blocks["single_blocks"],
-                  guidance_embeds=any(k.startswith(prefix + "guidance_in.") for k in keys))
+    bare = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+    config = {k: v for k, v in transformer_config(bare, config_dir, path).items() if not k.startswith("_")}
     return flux_shapes(os.path.basename(path), config, FLUX_AE, real.CLIP_L, T5_XXL, t5_tokens)
 
 
@@ -337,7 +339,7 @@ def estimate(s: RunSettings, shapes: ModelShapes | None = None) -> MemoryEstimat
 
     if s.attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {s.attention!r}")
-    shapes = shapes or shapes_for(s.model, s.t5_tokens)
+    shapes = shapes or shapes_for(s.model, s.t5_tokens, s.config_dir)
     weight_dtype = DTYPES[s.mixed_precision]
     with FakeTensorMode(allow_non_fake_inputs=False), torch.random.fork_rng(devices=[]):
         denoiser = shapes.denoiser()
@@ -552,7 +554,7 @@ def settings_from_config(cfg, bucket: tuple[int, int], batch_size: int) -> RunSe
     else:
         encoders = "resident"
     return RunSettings(
-        model=cfg.model.pretrained, mixed_precision=t.mixed_precision, fp8_base=cfg.model.fp8_base, network_type=n.type,
+        model=cfg.model.pretrained, config_dir=cfg.model.config_dir, mixed_precision=t.mixed_precision, fp8_base=cfg.model.fp8_base, network_type=n.type,
         rank=n.rank, alpha=n.alpha, mask=n.mask, targets=n.targets, train_text_encoder=n.train_text_encoder,
         optimizer=t.optimizer, optimizer_args=dict(t.optimizer_args), batch_size=batch_size, bucket=tuple(bucket),
         gradient_checkpointing=t.gradient_checkpointing, text_encoders=encoders, t5_tokens=flux.t5xxl_max_token_length)
