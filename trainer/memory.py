@@ -99,9 +99,6 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(r.bytes for r in self.rows)
 
-    def part(self, prefix: str) -> int:
-        return sum(r.bytes for r in self.rows if r.component.startswith(prefix))
-
     def to_dict(self) -> dict:
         return {"model": self.settings.model, "description": self.description, "total_bytes": self.total,
                 "rows": [dataclasses.asdict(r) for r in self.rows],
@@ -334,8 +331,6 @@ def estimate(s: RunSettings, shapes: ModelShapes | None = None) -> MemoryEstimat
     """The estimate of run ``s``; ``shapes`` overrides the model ``s.model`` names (say, a
     FLUX of real width and fewer blocks, as bench/gpu_check.py trains)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from trainer.network import AdapterNetwork
 
     if s.attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {s.attention!r}")
