@@ -1,11 +1,13 @@
-"""Training-step cost of QR-LoRA vs a standard LoRA (ours) vs PEFT's LoRA, same UNet, same
-rank and targets (kohya's SDXL set), CPU fp32.
+"""Training-step cost of QR-LoRA vs a standard LoRA (ours) vs PEFT's LoRA, same model, same
+rank and targets, CPU fp32: SDXL UNets (kohya's SDXL set) and FLUX (``flux``: a diffusers
+FluxTransformer2DModel at FLUX.1-dev's real widths, 3072 wide with 24 heads of 128, 4096-wide
+T5 context, with 1 double and 1 single block instead of 19 and 38; the official QR-LoRA targets).
 
 Each (model, variant) runs in its own process, so the peak resident memory it reports is its
 own. Prints ms/step, peak RSS and optimizer-state bytes, the ratios against both LoRAs
 measured in this run, and ends with one JSON line.
 
-    python bench/train_step.py [--models tiny,medium] [--steps 6] [--rank 16]
+    python bench/train_step.py [--models tiny,medium,flux] [--steps 6] [--rank 16]
 """
 
 from __future__ import annotations
@@ -51,29 +53,65 @@ def inputs(cfg: dict, batch: int, size: int, generator):
     )
 
 
+# FLUX.1-dev's widths (qrlora.tiny.real), at a depth of 1 double and 1 single block.
+FLUX_REDUCED = dict(num_layers=1, num_single_layers=1)
+FLUX_TEXT_TOKENS = 32
+
+
+def flux_inputs(cfg: dict, size: int, generator):
+    import torch
+
+    image_tokens = size * size
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, cfg["in_channels"], generator=generator),
+        encoder_hidden_states=torch.randn(1, FLUX_TEXT_TOKENS, cfg["joint_attention_dim"], generator=generator),
+        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=generator),
+        timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+        img_ids=torch.zeros(image_tokens, 3), txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3),
+    )
+
+
+def build(model: str, size: int, generator):
+    """(model, its family's name, target preset, component prefix, forward(model) -> output,
+    the output's shape)."""
+    if model == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        from qrlora.tiny.real import FLUX_DEV_TRANSFORMER
+
+        cfg = {**FLUX_DEV_TRANSFORMER, **FLUX_REDUCED}
+        net = FluxTransformer2DModel(**cfg)
+        batch = flux_inputs(cfg, size, generator)
+        return net, "flux", "flux-official", "transformer.", lambda m: m(**batch).sample, (1, size * size, cfg["in_channels"])
+    from diffusers import UNet2DConditionModel
+
+    cfg = unet_config(model)
+    batch = inputs(cfg, 1, size, generator)
+    return (UNet2DConditionModel(**cfg), "sdxl", "sdxl-all", "unet.", lambda m: m(**batch).sample, (1, 4, size, size))
+
+
 def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
     import torch
-    from diffusers import UNet2DConditionModel
 
     from qrlora import archs
     from qrlora.basis import compute_basis
     from trainer.network import AdapterNetwork
 
     torch.manual_seed(0)
-    cfg = unet_config(model)
-    unet = UNet2DConditionModel(**cfg)
+    g = torch.Generator().manual_seed(1)
+    unet, family, preset_name, component, forward, out_shape = build(model, size, g)
     unet.requires_grad_(False)
     unet.train()
-    arch = archs.get("sdxl")
-    preset = arch.presets["sdxl-all"]
+    arch = archs.get(family)
+    preset = arch.presets[preset_name]
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
-             and any(archs._match(p, "unet." + n) for p in preset)]
+             and any(archs._match(p, component + n) for p in preset)]
     modules = {n: unet.get_submodule(n) for n in names}
     if variant == "qrlora":
         from qrlora.archs import Target
 
         targets = [Target(n, "", None, tuple(m.weight.shape)) for n, m in modules.items()]
-        q, _ = compute_basis(lambda t: modules[t.name].weight.detach(), targets, "sdxl", rank, device="cpu")
+        q, _ = compute_basis(lambda t: modules[t.name].weight.detach(), targets, family, rank, device="cpu")
         net = AdapterNetwork.qrlora(modules, q, alpha=rank, mask="triu")
         net.apply()
         params = net.trainable_parameters()
@@ -87,13 +125,11 @@ def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights="gaussian"))
         params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    batch = inputs(cfg, 1, size, g)
-    target = torch.randn(1, 4, size, size, generator=g)
+    target = torch.randn(*out_shape, generator=g)
     times = []
     for i in range(steps + 2):
         started = time.perf_counter()
-        out = unet(**batch).sample
+        out = forward(unet)
         loss = torch.nn.functional.mse_loss(out, target)
         loss.backward()
         optimizer.step()
@@ -113,12 +149,12 @@ def run_one(model: str, variant: str, steps: int, rank: int, size: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="tiny,medium")
+    p.add_argument("--models", default="tiny,medium,flux")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    sizes = {"tiny": 32, "medium": 32}
+    sizes = {"tiny": 32, "medium": 32, "flux": 8}  # flux: an 8x8 packed latent (a 128 px image): 64 image tokens
     if args.one:
         model, variant = args.one
         print(json.dumps(run_one(model, variant, args.steps, min(args.rank, 4 if model == "tiny" else args.rank),
