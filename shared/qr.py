@@ -17,6 +17,7 @@ device and library, which is what lets a ΔR file be applied anywhere.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -85,12 +86,20 @@ def _canonical(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     diag = torch.diagonal(r, dim1=-2, dim2=-1)
     smallest = diag.abs().amin(dim=-1)
     scale = diag.abs().amax(dim=-1).clamp_min(torch.finfo(w.dtype).tiny)
-    if bool((smallest <= scale * torch.finfo(w.dtype).eps * max(out_f, in_f)).any()):
-        # The first r columns of the rank-r core are linearly dependent: QR has no unique
-        # answer. Never happens for trained weights; say so instead of returning noise.
+    dependent = smallest <= scale * torch.finfo(w.dtype).eps * max(out_f, in_f)
+    if bool(dependent.any()) and w.dtype == torch.float64:
+        # The first r columns of the rank-r core are linearly dependent even in float64: QR has
+        # no unique answer; say so instead of returning noise.
         raise ValueError(f"the rank-{rank} core's first {rank} columns are linearly dependent; no canonical basis")
     signs = torch.where(diag < 0, -1.0, 1.0).to(q.dtype)
-    return q * signs.unsqueeze(-2), route_sensitivity(values, rank, n, scale / smallest.clamp_min(torch.finfo(w.dtype).tiny))
+    # cond(R) measured in the working precision understates a nearly singular R (its rounding
+    # props up the smallest diagonal), and the QR of an out-long column amplifies by up to
+    # √out more: a 32×64 layer with cond(R) read as 3e3 was off by 1.3e-3 in float32.
+    r_condition = scale / smallest.clamp_min(torch.finfo(w.dtype).tiny) * math.sqrt(out_f)
+    sensitivity = route_sensitivity(values, rank, n, r_condition)
+    # Dependent in this precision only (a trained 32×64 layer had them at cond(R) ≈ 1e6, which
+    # float32 cannot resolve and float64 does): infinitely sensitive, so it is recomputed in float64.
+    return q * signs.unsqueeze(-2), torch.where(dependent, torch.full_like(sensitivity, float("inf")), sensitivity)
 
 
 def route_sensitivity(values: torch.Tensor, rank: int, n: int, r_condition: torch.Tensor) -> torch.Tensor:

@@ -213,3 +213,26 @@ def test_tf32_is_off_while_computing_and_restored_after(monkeypatch):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-4])
+def test_columns_dependent_only_in_float32_are_resolved_in_float64(noise):
+    """A trained 32×64 lab layer had its rank-4 core's first 4 columns dependent at float32's
+    resolution (cond(R) ≈ 1e6): float32 refused it (noise 0 here) or, a little better
+    conditioned, returned a Q 1.3e-3 off (noise 1e-4). float64 resolves both, so the basis
+    exists and is float64's."""
+    g = torch.Generator().manual_seed(7)
+    u, _ = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=torch.float64))
+    r1, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    r2, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    top = r1 @ torch.diag(torch.tensor([0.5, 0.5, 0.5, 1e-6], dtype=torch.float64)) @ r2  # V's first 4 rows
+    n0, _ = torch.linalg.qr(torch.randn(60, 4, generator=g, dtype=torch.float64))
+    ev, evec = torch.linalg.eigh(torch.eye(4, dtype=torch.float64) - top.T @ top)
+    rest = n0 @ (evec @ torch.diag(ev.clamp_min(0).sqrt()) @ evec.T)
+    v = torch.cat([top, rest])  # 64×4, orthonormal columns
+    w = u @ torch.diag(torch.tensor([10.0, 8.0, 6.0, 4.0], dtype=torch.float64)) @ v.T
+    w = w + noise * torch.randn(32, 64, generator=g, dtype=torch.float64)
+    expected = canonical_basis(w, 4, torch.float64)
+    got = canonical_basis(w.float(), 4)
+    assert got.dtype == torch.float32
+    assert (got.double() - expected).norm() / expected.norm() < 1e-4
