@@ -210,3 +210,14 @@ def test_a_flux_single_file_is_read_off_its_shapes(tiny_flux, single_threaded):
     assert _row(from_file, "transformer weights") == _row(builtin, "transformer weights")
     assert from_file.targets == builtin.targets
     assert _row(from_file, "adapters") == _row(builtin, "adapters")
+
+
+def test_an_sdxl_single_file_with_a_config_dir_is_sized_by_it(tiny_sdxl, single_threaded):
+    """A small SDXL-layout file (the tiny model, the lab base) with model.config_dir is sized as
+    the SDXL loader loads it, not as SDXL base (which gave 13.5 GiB for a 1 M-parameter UNet)."""
+    from_file = estimate(RunSettings(model=tiny_sdxl.checkpoint, config_dir=tiny_sdxl.config_dir, rank=RANK,
+                                     bucket=(64, 64)))
+    builtin = estimate(RunSettings(model="builtin:tiny-sdxl", rank=RANK, bucket=(64, 64)))
+    assert _row(from_file, "unet weights") == _row(builtin, "unet weights")
+    assert from_file.targets == builtin.targets
+    assert _row(from_file, "adapters") == _row(builtin, "adapters")

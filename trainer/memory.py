@@ -213,9 +213,10 @@ def _from_folder(folder: str, t5_tokens) -> ModelShapes:
 
 
 def _from_file(path: str, t5_tokens, config_dir: str | None) -> ModelShapes:
-    """SDXL files all share SDXL base's architecture; a FLUX transformer's config is read off
-    its shapes by the FLUX loader (block counts, widths, guidance embedding), with the released
-    AE, CLIP-L and T5-XXL beside it."""
+    """Sized as the loaders size them: an SDXL file by ``model.config_dir`` when given, else as
+    SDXL base (the SDXL loader refuses any other shapes without a config_dir); a FLUX
+    transformer's config is read off its shapes by the FLUX loader (block counts, widths,
+    guidance embedding), with the released AE, CLIP-L and T5-XXL beside it."""
     from qrlora import archs
     from qrlora.archs.flux import checkpoint_prefix
     from qrlora.checkpoint import SafetensorsFile
@@ -226,7 +227,15 @@ def _from_file(path: str, t5_tokens, config_dir: str | None) -> ModelShapes:
     prefix = checkpoint_prefix(shapes)
     if prefix is None:
         if archs.get("sdxl").detect(shapes):
-            return shapes_for("sdxl-base")
+            from trainer.families.sdxl_load import configs_for_file
+
+            c = configs_for_file(path, shapes, config_dir)
+            if config_dir is None:
+                return shapes_for("sdxl-base")
+            def clean(d):  # diffusers' bookkeeping keys are not constructor arguments
+                return {k: v for k, v in d.items() if not k.startswith("_")}
+
+            return sdxl_shapes(os.path.basename(path), clean(c.unet), clean(c.vae), c.te1.to_dict(), c.te2.to_dict())
         raise NoShapes(f"{path}: neither an SDXL nor a FLUX checkpoint")
     bare = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
     config = {k: v for k, v in transformer_config(bare, config_dir, path).items() if not k.startswith("_")}
