@@ -5,14 +5,13 @@ writes the metadata FLUX tools read."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import torch
 
 from qrlora import deltar
 from qrlora.basis import load_basis
-from tests.test_trainer_e2e import DOG, ROOT
+from tests.helpers import launch_two_processes
+from tests.test_trainer_e2e import DOG
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.loop import Trainer, batch_generator
@@ -141,12 +140,7 @@ def test_two_processes_match_one_process_with_accumulation_2(tmp_path):
     one.mkdir(), two.mkdir()
     assert main(["--config", write_flux_config(str(one), steps=3, extra="gradient_accumulation_steps = 2")]) == 0
     cfg_two = write_flux_config(str(two), steps=3)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "--config", cfg_two],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = launch_two_processes(cfg_two)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
     a = deltar.load(str(one / "out" / "dog.safetensors"))

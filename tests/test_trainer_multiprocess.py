@@ -2,14 +2,11 @@
 batch, and every rank holds the same ΔR after each step (the loop checks it, and fails
 otherwise)."""
 
-import os
-import subprocess
-import sys
-
 import torch
 
 from qrlora import deltar
-from tests.test_trainer_e2e import ROOT, write_config
+from tests.helpers import launch_two_processes
+from tests.test_trainer_e2e import write_config
 from trainer.cli import main
 
 
@@ -20,14 +17,7 @@ def test_two_processes_match_one_process(tmp_path):
     cfg_one = write_config(str(one), steps=6, extra="gradient_accumulation_steps = 2")
     assert main(["--config", cfg_one]) == 0
     cfg_two = write_config(str(two), steps=6)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        # accelerate's --cpu flag starts one process unless under MPI; --multi_gpu starts torchrun,
-        # and on a machine without GPUs the trainer joins the processes over gloo on the CPU.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "--config", cfg_two],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = launch_two_processes(cfg_two)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
     a = deltar.load(str(one / "out" / "dog.safetensors"))
@@ -42,12 +32,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_a_nan_on_one_rank_stops_both_at_the_same_step_and_keeps_the_last_good_save(tmp_path):
     cfg = write_config(str(tmp_path), steps=6, saving="save_every_n_steps = 2")
     # the test hook (trainer.distributed.POISON_ENV): rank 1's loss is NaN at step 3
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", QRLORA_TEST_POISON="1:3")
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "--config", cfg],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,  # a rank left waiting would hit this
-    )
+    proc = launch_two_processes(cfg, QRLORA_TEST_POISON="1:3")
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
     assert "loss is nan at step 3 on rank 1; stopping every process" in text, text[-3000:]
