@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import os
 import shlex
 import signal
@@ -34,10 +33,10 @@ from qrlora.errors import OutputError, UserError
 from qrlora.qr import masked_parameter_count
 from qrlora.threads import choose_threads, describe_choice
 from trainer import checkpoint, setup
-from trainer.captions import tag_frequency
 from trainer.config import Config
 from trainer.data import collate
-from trainer.dataset_config import image_counts, plan_summary
+from trainer.dataset_config import image_counts
+from trainer.metadata import training_metadata
 from trainer.preflight import preflight
 from trainer.distributed import POISON_ENV, RankStatus, agree, all_reduce_gradients, poison_for, ranks_out_of_sync
 
@@ -408,7 +407,7 @@ class Trainer:
         os.makedirs(folder, exist_ok=True)
         alpha = n.alpha if n.alpha is not None else float(n.rank)
         checkpoint.save_adapter(path, self.network, n.type, self.basis, self.family.name, n.rank, alpha, n.mask,
-                                cfg.saving.save_precision, self.metadata(), name,
+                                cfg.saving.save_precision, training_metadata(self), name,
                                 os.path.basename(os.path.normpath(cfg.model.pretrained)),
                                 cfg.saving.embed_basis, targets={t.name: t for t in self.targets})
         if self.basis is not None:
@@ -456,64 +455,6 @@ class Trainer:
     def progress(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
                 "total_steps": self.schedule.total_steps}
-
-    def trained_resolution(self) -> tuple[int, int]:
-        """The first dataset's resolution (width, height): what modelspec.resolution means."""
-        if self.plan.datasets:
-            return tuple(self.plan.datasets[0].buckets.resolution)
-        return self.family.default_size(self.models)
-
-    def metadata(self) -> dict[str, str]:
-        cfg, t = self.cfg, self.cfg.training
-        m = cfg.saving.metadata
-        base = os.path.dirname(os.path.abspath(cfg.source))
-        width, height = self.trained_resolution()
-        meta = {
-            "ss_session_id": self.session,
-            # $SOURCE_DATE_EPOCH fixes the timestamps: the same inputs then give the same bytes
-            "ss_training_started_at": str(setup.file_timestamp(self.started_at)),
-            "ss_training_finished_at": str(setup.file_timestamp()),
-            "modelspec.date": setup.file_date(setup.file_timestamp()),
-            "ss_learning_rate": str(t.learning_rate),
-            "ss_unet_lr": str(t.learning_rate),
-            "ss_text_encoder_lr": str(cfg.network.text_encoder_lr or t.learning_rate),
-            "ss_num_train_images": str(self.data.num_train_images),
-            "ss_num_reg_images": str(self.data.num_reg_images),
-            "ss_num_batches_per_epoch": str(self.schedule.batches_per_epoch),
-            "ss_num_epochs": str(self.schedule.epochs),
-            "ss_epoch": str(self.epoch),
-            "ss_steps": str(self.step),
-            "ss_max_train_steps": str(self.schedule.total_steps),
-            "ss_lr_warmup_steps": str(t.warmup_steps(self.schedule.total_steps)),
-            "ss_lr_scheduler": t.lr_scheduler,
-            "ss_optimizer": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}"
-                            + (f"({json.dumps(t.optimizer_args)})" if t.optimizer_args else ""),
-            "ss_mixed_precision": t.mixed_precision,
-            "ss_seed": str(t.seed),
-            "ss_noise_offset": str(t.noise_offset),
-            "ss_min_snr_gamma": str(t.min_snr_gamma),
-            "ss_gradient_checkpointing": str(t.gradient_checkpointing),
-            "ss_gradient_accumulation_steps": str(t.gradient_accumulation_steps),
-            "ss_max_grad_norm": str(t.max_grad_norm),
-            "ss_prior_loss_weight": str(t.prior_loss_weight),
-            "ss_network_dropout": str(cfg.network.dropout),
-            "ss_network_train_unet_only": str(not cfg.network.train_text_encoder),
-            "ss_tag_frequency": json.dumps(tag_frequency(self.plan)),
-            "ss_datasets": json.dumps(checkpoint.shareable_paths(plan_summary(self.plan)["datasets"], base)),
-            "ss_resolution": f"({width}, {height})",
-            "modelspec.resolution": f"{width}x{height}",
-            "ss_training_comment": m.description or "",
-            "qrlora.trainer_config": json.dumps(checkpoint.shareable_paths(cfg.to_dict(), base)),
-            **self.family.metadata(self.models, cfg),
-            **self.inputs,
-        }
-        for key in ("title", "author", "description", "license", "trigger_phrase"):
-            value = getattr(m, key)
-            if value:
-                meta[f"modelspec.{key}"] = value
-        if m.tags:
-            meta["modelspec.tags"] = m.tags if isinstance(m.tags, str) else ", ".join(m.tags)
-        return meta
 
     # ----------------------------------------------------------------- signals
     def install_signal_handlers(self) -> None:
