@@ -34,8 +34,19 @@ def main(argv=None) -> int:
         else:
             c.add_argument("--samples", required=True, help="the run's sample/ folder")
             c.add_argument("--prompt-file", required=True)
+    # --- study: the merge study (trainer/lab/study.py) ---
+    st = sub.add_parser("study", help="train content and style adapters as QR-LoRA and LoRA, merge them, score")
+    st.add_argument("--config", required=True, help="the study TOML, e.g. examples/lab/study.toml")
+    st.add_argument("--out", required=True, help="folder for adapters, study.json, study.md, study.png")
+    # --- end study ---
     args = parser.parse_args(argv)
     try:
+        if args.command == "study":  # --- study ---
+            from .study import run_study
+
+            report = run_study(args.config, args.out, say=lambda m: print(m, flush=True))
+            print(json.dumps({"out": args.out, "seconds": report["seconds"]}))
+            return 0  # --- end study ---
         if args.command == "concept-data":
             from .concept import write_dataset
 
