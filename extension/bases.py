@@ -37,18 +37,10 @@ from . import core
 
 POLICIES = ("warn", "refuse", "apply")
 
-# Largest relative difference between a basis's record of its weights and the loaded model's
-# dequantized weights (pooled over the file's layers) for "the same model", per storage. Measured
-# on the tiny FLUX (three seeds, every target layer) the same model gives: bf16 0.19 %, fp16
-# 0.02 %, fp8 e4m3fn 3.0 %, e5m2 6.1 %, nf4 9.9 %, fp4 12.0 %, GGUF Q8_0 0.46 %, Q4_0 7.1 %,
-# Q4_K 6.9 %; another model of the same shapes 136-138 %. The limits are about twice the
-# measured rounding; a fine-tune closer to its base than that passes as the base.
-IDENTITY_LIMITS = {
-    "float32": 0.01, "float16": 0.01, "bfloat16": 0.01, "F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
-    "float8_e4m3fn": 0.06, "float8_e5m2": 0.12, "nf4": 0.2, "fp4": 0.25,
-    "Q4_0": 0.15, "Q4_1": 0.15, "Q5_0": 0.15, "Q5_1": 0.15, "Q4_K": 0.15, "Q5_K": 0.15, "Q6_K": 0.15,
-}
-IDENTITY_LIMIT_OTHER = 0.4  # Q2_K, Q3_K, the IQ types and storages not measured
+# Largest difference between a basis's record of its weights and the loaded model's dequantized
+# weights for "the same model", per storage: the core's measured table, shared with the trainer.
+IDENTITY_LIMITS = core.basis.IDENTITY_LIMITS
+IDENTITY_LIMIT_OTHER = core.basis.IDENTITY_LIMIT_OTHER
 _SIXTEEN_BIT = ("F32", "F16", "BF16")
 
 
@@ -63,8 +55,7 @@ class LoadedModel:
     sketch: Callable[[object], tuple[torch.Tensor, str] | None]  # Target -> (weight_sketch, storage name)
 
 
-def identity_limit(storages) -> float:
-    return max((IDENTITY_LIMITS.get(s, IDENTITY_LIMIT_OTHER) for s in storages), default=IDENTITY_LIMIT_OTHER)
+identity_limit = core.basis.identity_limit
 
 
 def quantized_file(checkpoint: str | None, d) -> bool:
@@ -284,18 +275,15 @@ class BasisResolver:
         """(pooled relative difference of the loaded weights from the basis's record, the
         storages' limit, the storages), or (None, ...) when a layer cannot be measured."""
         index = {t.name: i for i, t in enumerate(basis.targets)}
-        diff = norm = 0.0
-        storages = set()
+        recorded, measured, storages = [], [], set()
         for name in d.names:
             got = loaded.sketch(d.targets[name])
             if got is None or name not in index:
                 return None, 0.0, storages
-            sketch, storage = got
-            recorded = basis.weight_sketch[index[name]]
-            diff += float((sketch - recorded).norm()) ** 2
-            norm += float(recorded.norm()) ** 2
-            storages.add(storage)
-        return (diff / max(norm, 1e-30)) ** 0.5, identity_limit(storages), storages
+            measured.append(got[0])
+            recorded.append(basis.weight_sketch[index[name]])
+            storages.add(got[1])
+        return core.basis.identity_difference(recorded, measured), identity_limit(storages), storages
 
     def _measured(self, d, label, q, basis_id, what, policy, threshold, needed) -> Resolution:
         """The mismatch policy on the measured distance between ``q`` and the training basis."""

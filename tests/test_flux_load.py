@@ -155,7 +155,8 @@ def test_fp8_transformer_without_basis_names_the_command(fp8_file, files):
     with pytest.raises(UserError) as e:
         load_flux(cfg(fp8_file, **files), "cpu", torch.float32, rank=16)
     message = str(e.value)
-    assert "qrlora basis FLUX_BF16.safetensors --rank 16 -o" in message and "model.basis" in message
+    assert "qrlora basis flux1-dev.safetensors --rank 16 --targets flux-official -o" in message
+    assert "model.basis" in message
     assert fp8_file in message
     # a LoRA baseline needs no basis: it loads
     parts = load_flux(cfg(fp8_file, **files), "cpu", torch.float32, needs_basis=False)

@@ -82,25 +82,97 @@ def layer_modules(cfg: Config, family: ModelFamily, models: Models):
 
 
 def make_basis(cfg: Config, family: ModelFamily, models: Models, targets: list[Target], device, quiet=False) -> Basis:
-    """The canonical basis of these targets: from the cache (checked against the sketch recorded
-    when it was computed), else computed from the file the weights came from (or the loaded
-    base weights when there is no single file). A resumed run checks it against the sketch of
-    the ΔR file saved with its state, so it never continues on another basis."""
+    """The canonical basis of these targets: from ``model.basis`` when it names a basis file
+    (checked against this run's layers and the loaded weights), else from the cache (checked
+    against the sketch recorded when it was computed), else computed from the file the weights
+    came from (or the loaded base weights when there is no single file). Every basis records
+    a projection of the weights it came from, so a quantized copy of the model can find it.
+    A resumed run checks it against the sketch of the ΔR file saved with its state, so it
+    never continues on another basis."""
     cache = BasisCache(cfg.network.basis_cache or default_cache_dir())
     names = [t.name for t in targets]
     progress = None if quiet else ProgressBar("basis")
-    if models.basis_source:
+    basis_file = models.info.get("basis_file")
+    if basis_file:
+        basis = basis_from_file(basis_file, cfg, models, targets)
+    elif models.basis_source:
         basis, _ = cache.get_or_compute(models.basis_source, cfg.network.rank, names, family.name,
                                         device=device, progress=progress, log=None if quiet else print)
     else:
+        sketches: dict[str, torch.Tensor] = {}
         q, bid = compute_basis(lambda t: family.base_weight(models, t.name), targets, family.name, cfg.network.rank,
-                               device=device, progress=progress)
+                               device=device, progress=progress, weight_sketches=sketches)
         basis = Basis(family.name, cfg.network.rank, list(targets), q, bid, names,
-                      {"base_model": os.path.basename(os.path.normpath(cfg.model.pretrained))})
+                      {"base_model": os.path.basename(os.path.normpath(cfg.model.pretrained))},
+                      weight_sketch=torch.stack([sketches[n] for n in names]))
         cache.store(basis)
+    if getattr(cfg.model, "basis", None):  # the basis comes from other files than the loaded weights
+        said = check_model_identity(cfg, family, models, basis)
+        if not quiet:
+            print(said)
     if cfg.saving.resume:
         check_resumed_basis(cfg.saving.resume, basis)
     return basis
+
+
+def _basis_command(cfg: Config, models: Models) -> str:
+    """The command that makes this run's basis (the family's, naming its 16-bit release)."""
+    from qrlora.basis import basis_command
+
+    return models.info.get("basis_command") or basis_command(
+        f"<the 16-bit file of {os.path.basename(os.path.normpath(cfg.model.pretrained))}>", cfg.network.rank,
+        cfg.network.targets or "", "basis.safetensors")
+
+
+def basis_from_file(path: str, cfg: Config, models: Models, targets: list[Target]) -> Basis:
+    """``model.basis`` as a basis file (made once by ``qrlora basis`` from the 16-bit weights): it
+    must cover exactly this run's layers, and its Q must be the one recorded when it was made."""
+    from qrlora.basis import check_basis, load_basis
+    from qrlora.checkpoint import FileFormatError
+
+    basis = load_basis(path)
+    have = {t.name: t.shape for t in basis.targets}
+    wrong = [t.name for t in targets if have.get(t.name) != t.shape]
+    if wrong or len(have) != len(targets):
+        what = f"lacks {len(wrong)} of this run's {len(targets)} layers (first: {wrong[0]})" if wrong else \
+            f"covers {len(have)} layers and this run trains {len(targets)}"
+        raise ConfigError([f"model.basis: {path} {what}; make the basis of network.targets with "
+                           f"`{_basis_command(cfg, models)}`"])
+    if basis.stored_sketch is not None:
+        check = check_basis(basis.names, basis.stored_sketch, basis.basis_id, basis.q, basis.basis_id)
+        if not check.ok:
+            raise FileFormatError(f"model.basis: {path} is not the basis that was computed ({check.describe()}); "
+                                  f"make it again with `{_basis_command(cfg, models)}`")
+    by_name = {t.name: i for i, t in enumerate(basis.targets)}
+    order = [by_name[t.name] for t in targets]  # the run's layer order
+    return Basis(basis.arch, basis.rank, list(targets), basis.q, basis.basis_id, basis.target_spec, basis.source,
+                 None if basis.stored_sketch is None else basis.stored_sketch[order],
+                 None if basis.weight_sketch is None else basis.weight_sketch[order])
+
+
+def check_model_identity(cfg: Config, family: ModelFamily, models: Models, basis: Basis) -> str:
+    """Raise a UserError unless ``basis`` (from ``model.basis``) was made from the loaded model:
+    its record of the weights it came from must match the loaded weights within the rounding of
+    the storage they were read from (``qrlora.basis.IDENTITY_LIMITS``). Returns the line saying so."""
+    from qrlora.basis import identity_difference, identity_limit, weight_sketch
+    from qrlora.errors import IncompatibleFiles
+
+    given, pretrained = cfg.model.basis, cfg.model.pretrained
+    if basis.weight_sketch is None:
+        raise ConfigError([f"model.basis: {given} records no projection of the weights it was made from (an older "
+                           f"qrlora made it), so it cannot be checked against {pretrained}; make it again with "
+                           f"`{_basis_command(cfg, models)}`"])
+    modules = family.trainable_modules(models, include_text_encoders=True)
+    measured = [weight_sketch(modules[name].weight) for name in basis.names]
+    storages = models.info.get("weight_storage") or sorted(
+        {str(modules[n].weight.dtype).removeprefix("torch.") for n in basis.names})
+    difference, limit = identity_difference(list(basis.weight_sketch), measured), identity_limit(storages)
+    rounding = f"{'/'.join(storages)} rounding allows {limit:.0%}"
+    if difference > limit:
+        raise IncompatibleFiles(f"model.basis: {given} was made from another model than model.pretrained {pretrained}: "
+                                f"the loaded weights differ from its record by {difference:.1%} ({rounding}); make the "
+                                f"basis from the 16-bit file of this model with `{_basis_command(cfg, models)}`")
+    return f"basis {basis.basis_id} from {given}: the loaded weights match its record ({difference:.2%}; {rounding})"
 
 
 def check_resumed_basis(state_folder: str, basis: Basis) -> None:

@@ -119,7 +119,7 @@ class FluxFamily(ModelFamily):
         parts = load_flux(model_cfg, "cpu" if offload else device, weight_dtype,
                           fp8_base=bool(getattr(model_cfg, "fp8_base", False)),
                           needs_basis=network is None or network.type == "qrlora",
-                          rank=getattr(network, "rank", None))
+                          rank=getattr(network, "rank", None), targets=getattr(network, "targets", None))
         if offload:
             parts.transformer.to(device)
             parts.vae.to(device)

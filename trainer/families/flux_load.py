@@ -21,7 +21,8 @@ are built empty and filled with ``assign``, so no weight is held twice.
 
 The QR-LoRA basis needs the 16-bit weights as stored: ``base_weight`` reads them from the
 file (never from the loaded, possibly cast, module), and a transformer stored only in fp8
-needs ``model.basis`` (a basis file, or the 16-bit file of the same model). ``fp8_base``
+needs ``model.basis`` (a basis file, or the 16-bit file of the same model; see
+``trainer.families.flux_basis``). ``fp8_base``
 stores the frozen transformer's Linear weights as float8_e4m3fn and upcasts each one per
 call to the input's dtype (kohya's fp8_base: storage-only fp8, computed in bf16). Tokenizers:
 CLIP-L's as for SDXL, T5's from ``trainer.families.flux_tokenizers``.
@@ -41,6 +42,7 @@ from qrlora.archs.flux import Flux, checkpoint_prefix, diffusers_to_bfl
 from qrlora.checkpoint import FileFormatError, SafetensorsFile, read_header
 from qrlora.errors import UserError
 
+
 from . import BUILTIN_PREFIX, cache_root
 from . import sdxl_load as L
 
@@ -49,7 +51,6 @@ TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("vae.", "first_stage_model.")
 CLIP_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 # black-forest-labs/FLUX.1-dev vae/config.json
 FLUX_AE = dict(
@@ -461,103 +462,23 @@ def load_t5(source: _Source, config_dir: str | None, device, dtype):
     return L.fill(module, tensors, f"{source.option} {source.path}", dtype, device)
 
 
-# ----------------------------------------------------------------- the basis weights
-def _basis_reader(path: str) -> Callable[[str], torch.Tensor | None]:
-    """Layer name -> its weight read from a BFL single file (any prefix), rows sliced; None
-    when it is stored in fp8 (a basis never comes from quantized weights)."""
-    ckpt = SafetensorsFile(path)
-    own = {t.name: t for t in Flux().linear_targets(ckpt.shapes())}
-
-    def read(name: str) -> torch.Tensor | None:
-        t = own.get(name)
-        if t is None:
-            raise KeyError(f"{path}: no FLUX layer {name}")
-        if ckpt.dtype_name(t.key) in FP8_DTYPES:
-            return None
-        w = ckpt.tensor(t.key)
-        return w[t.rows[0]:t.rows[1]] if t.rows else w
-
-    return read
-
-
-def _folder_basis_reader(folder: str) -> Callable[[str], torch.Tensor | None]:
-    files: dict[str, SafetensorsFile] = {}
-    for path in L.component_weight_files(folder):
-        ckpt = SafetensorsFile(path)
-        files.update({k: ckpt for k in ckpt.keys})
-
-    def read(name: str) -> torch.Tensor | None:
-        key = name.removeprefix("transformer.") + ".weight"
-        if key not in files:
-            raise KeyError(f"{folder}: no FLUX layer {name}")
-        return None if files[key].dtype_name(key) in FP8_DTYPES else files[key].tensor(key)
-
-    return read
-
-
-def basis_command(rank: int | None) -> str:
-    return f"qrlora basis FLUX_BF16.safetensors --rank {rank or 'R'} -o flux-basis-r{rank or 'R'}.safetensors"
-
-
-def _resolve_basis(model_cfg, transformer: _Source, rank: int | None, needs_basis: bool):
-    """(basis_source, base_weight, basis_file) for the transformer's weights."""
-    basis = _opt(model_cfg, "basis")
-    if basis:
-        if not os.path.isfile(basis):
-            raise UserError(f"model.basis: {basis} does not exist")
-        header, meta, _ = read_header(basis)
-        if meta.get("qrlora.kind") == "basis":
-            from qrlora.basis import load_basis
-
-            if load_basis(basis).arch != "flux":
-                raise UserError(f"model.basis: {basis} is a basis of another architecture, not FLUX.1")
-            return None, lambda name: None, basis
-        if checkpoint_prefix(header.keys()) is None:
-            raise UserError(f"model.basis: {basis} is neither a QR-LoRA basis file ({basis_command(rank)}) "
-                              "nor a FLUX.1 transformer file")
-        ckpt = SafetensorsFile(basis)
-        if _is_fp8_file(ckpt):
-            raise UserError(f"model.basis: {basis} is stored in fp8; the basis must come from the 16-bit (bf16/fp16) "
-                              "weights of the same model")
-        return basis, _basis_reader(basis), None
-    if transformer.folder:
-        read, source = _folder_basis_reader(transformer.path), None
-        fp8 = read("transformer.transformer_blocks.0.attn.to_q") is None
-    else:
-        ckpt = SafetensorsFile(transformer.path)
-        fp8 = _is_fp8_file(ckpt)
-        read, source = _basis_reader(transformer.path), transformer.path
-    if fp8:
-        if needs_basis:
-            raise UserError(
-                f"{transformer.option}: {transformer.path} stores the FLUX transformer in fp8, and a QR-LoRA basis must "
-                f"come from 16-bit weights: make it once from the bf16 file of the same model with `{basis_command(rank)}` "
-                "and set model.basis to that file (or set model.basis to the bf16 file itself)"
-            )
-        return None, lambda name: None, None
-    return source, read, None
-
-
-def _is_fp8_file(ckpt: SafetensorsFile) -> bool:
-    """True if the FLUX transformer's linear weights in this file are stored in fp8."""
-    return any(ckpt.dtype_name(t.key) in FP8_DTYPES for t in Flux().linear_targets(ckpt.shapes()))
-
-
 # ----------------------------------------------------------------- the whole model
 def load_flux(model_cfg, device, weight_dtype: torch.dtype, *, fp8_base: bool = False,
-              needs_basis: bool = True, rank: int | None = None) -> FluxParts:
+              needs_basis: bool = True, rank: int | None = None, targets=None) -> FluxParts:
     """Load FLUX.1 from ``model_cfg`` (``pretrained``, ``ae``, ``clip_l``, ``t5xxl``,
     ``config_dir``, ``tokenizer``, ``t5_tokenizer``, ``basis``). Every file is found and the
     basis question settled before any weight is read. ``needs_basis``: stop when the weights
-    are fp8 only and no ``model.basis`` is given; ``rank`` goes into that message's command."""
+    are fp8 only and no ``model.basis`` is given; ``rank`` and ``targets`` go into that message's command."""
     from ..cache import weights_identity
     from ..tokenizers import EOS, resolve_clip_tokenizers
+    from .flux_basis import resolve_basis
     from .flux_tokenizers import load_t5_tokenizer
 
     device = torch.device(device)
     fp8_base = bool(fp8_base or getattr(model_cfg, "fp8_base", False))
     sources, layout, config_dir, builtin = _locate(model_cfg)
-    basis_source, base_weight, basis_file = _resolve_basis(model_cfg, sources["transformer"], rank, needs_basis)
+    basis_source, base_weight, basis_file, stored, command = resolve_basis(model_cfg, sources["transformer"], rank,
+                                                                            needs_basis, targets)
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
 
     transformer, targets = load_transformer(sources["transformer"], config_dir, device, weight_dtype, fp8_base)
@@ -583,7 +504,8 @@ def load_flux(model_cfg, device, weight_dtype: torch.dtype, *, fp8_base: bool = 
         is_schnell=not transformer.config.guidance_embeds,
         info={
             "layout": layout, "files": {k: (s.path, s.prefix) for k, s in sources.items()}, "targets": targets,
-            "basis_file": basis_file, "fp8_base": fp8_base, "vae_dtype": vae_dtype, "tokenizer": clip_choice,
+            "basis_file": basis_file, "weight_storage": sorted(stored), "basis_command": command,
+            "fp8_base": fp8_base, "vae_dtype": vae_dtype, "tokenizer": clip_choice,
             "tokenizer_source": f"CLIP: {clip_choice}; T5: {t5_choice}",
         },
     )
