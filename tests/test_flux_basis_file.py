@@ -207,3 +207,26 @@ def test_forge_finds_the_trainers_basis_for_a_quantized_model_by_identity(tiny_f
         assert h.engine.resolver.computations == 0  # never computed from the quantized weights
     finally:
         h.close()
+
+
+# ----------------------------------------------------------------- schnell with a dev setting
+def test_schnell_with_a_dev_guidance_setting_trains_and_warns_why(user_files, tiny_flux, tmp_path, capsys):
+    """FLUX.1-schnell (no guidance embedding) with flux.guidance_scale set: the run says why
+    the setting is ignored, and the file names schnell."""
+    import json
+
+    schnell = str(tmp_path / "flux1-schnell.safetensors")
+    save_file({k: v for k, v in load_file(tiny_flux.checkpoint).items() if not k.startswith("guidance_in.")}, schnell)
+    config_dir = tmp_path / "schnell-config"
+    shutil.copytree(tiny_flux.config_dir, config_dir)
+    transformer = config_dir / "transformer" / "config.json"
+    transformer.write_text(json.dumps(json.loads(transformer.read_text()) | {"guidance_embeds": False}))
+    model = user_files["model"] | {"config_dir": str(config_dir)}
+    flux = 't5xxl_max_token_length = 16\nguidance_scale = 3.5'
+    capsys.readouterr()
+    assert main(["--config", config_on(tmp_path, schnell, model, flux=flux)]) == 0
+    said = capsys.readouterr().out
+    assert ("warning: flux.guidance_scale = 3.5 is ignored: FLUX.1-schnell is not guidance-distilled (its transformer"
+            " has no guidance embedding, guidance_in)") in said, said
+    meta = deltar.load(str(tmp_path / "out" / "dog.safetensors")).metadata
+    assert meta["modelspec.architecture"] == "flux-1-schnell/qrlora" and meta["ss_guidance_scale"] == "0.0"

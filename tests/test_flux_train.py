@@ -116,7 +116,7 @@ def test_training_lowers_the_loss_and_the_saved_delta_r_reproduces_the_training_
     assert "delta_r for flux" in text and "double blocks: 2" in text and "single blocks: 2" in text
 
 
-def test_resume_from_a_periodic_state_with_cosine_warmup_and_dropout_equals_the_uninterrupted_run(tmp_path):
+def test_resume_from_a_periodic_state_with_cosine_warmup_and_dropout_equals_the_uninterrupted_run(tmp_path, capsys):
     hard = 'lr_scheduler = "cosine"\nlr_warmup_steps = 2\ngradient_accumulation_steps = 2'
     network = 'type = "qrlora"\nrank = 4\ndropout = 0.3'
     a, b = tmp_path / "a", tmp_path / "b"
@@ -127,7 +127,10 @@ def test_resume_from_a_periodic_state_with_cosine_warmup_and_dropout_equals_the_
     cfg_b = write_flux_config(str(b), steps=5, extra=hard, network=network, saving=saving)
     assert main(["--config", cfg_b, "--set", "training.max_train_steps=5"]) == 0
     os.remove(b / "out" / "dog.safetensors")
+    capsys.readouterr()
     assert main(["--config", cfg_b, "--set", f"saving.resume={b / 'out' / 'dog-step000002-state'}"]) == 0
+    # it continued from step 2 of 5 (a run that ignored the state would also end equal)
+    assert f"resumed from {b / 'out' / 'dog-step000002-state'} at step 2" in capsys.readouterr().out
     resumed = deltar.load(str(b / "out" / "dog.safetensors"))
     assert resumed.metadata["ss_steps"] == "5"
     assert max(float(t.abs().max()) for t in straight.layers.values()) > 1e-4
@@ -155,7 +158,9 @@ def test_fp8_base_trains_on_the_16_bit_basis(tmp_path):
     plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
     plain.mkdir(), fp8.mkdir()
     assert main(["--config", write_flux_config(str(plain), steps=2)]) == 0
-    cfg = load_config(write_flux_config(str(fp8), steps=4, model="fp8_base = true"))
+    # its own basis cache: the basis is computed in this run, not read back from the 16-bit run's
+    network = f'type = "qrlora"\nrank = 4\nbasis_cache = "{fp8 / "bases"}"'
+    cfg = load_config(write_flux_config(str(fp8), steps=4, model="fp8_base = true", network=network))
     tr = Trainer(cfg, log=lambda s: None)
     tr.prepare()
     stored = {m.weight.dtype for n, m in tr.models.denoiser.named_modules()
@@ -172,3 +177,4 @@ def test_fp8_base_trains_on_the_16_bit_basis(tmp_path):
     for name in qa:
         assert torch.equal(qa[name], qb[name]), name
     assert max(float(t.abs().max()) for t in b.layers.values()) > 1e-4
+    assert os.path.isdir(fp8 / "bases")  # computed (and cached) by the fp8 run itself
