@@ -63,7 +63,8 @@ def test_defaults(root):
         max_data_loader_n_workers=0, device="auto", cpu_threads=0)
     assert c.sampling.__dict__ == dict(prompts=None, sample_every_n_steps=None, sample_every_n_epochs=None,
                                        sample_at_first=False, sample_sampler="euler_a", steps=20, guidance_scale=7.0,
-                                       width=512, height=384)  # the dataset's resolution
+                                       width=512, height=384,  # the dataset's resolution
+                                       scorer=None)  # LAB-DEMO: sampling.scorer
     s = c.saving
     assert (s.save_every_n_steps, s.save_every_n_epochs, s.save_last_n, s.save_precision, s.save_state, s.resume,
             s.embed_basis) == (None, None, None, "fp16", True, None, False)

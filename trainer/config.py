@@ -157,6 +157,14 @@ class SamplingConfig:
                                                   " dataset's resolution")
     height: int | None = option(Int(min=8), help="sample height of a prompt without --h; default: the first"
                                                    " dataset's resolution")
+    # ---- LAB-DEMO: scoring the samples at the end of the run (trainer/sample_scoring.py)
+    scorer: str | None = option(Str(nonempty=True),
+                                help='score the samples before training and at the last step, write a before/after'
+                                     ' grid and print one JSON line: "lab:CONCEPT" counts the samples showing a'
+                                     " concept the lab base never saw (a pattern: striped, checkered, dotted; a shape:"
+                                     " diamond, ring, heart, star; every prompt a lab caption with it); needs"
+                                     " sample_at_first; kohya has no equivalent")
+    # ---- end LAB-DEMO
 
 
 @dataclass(frozen=True)
@@ -546,6 +554,10 @@ def _finish(s: dict, dataset: dc.DatasetConfig, path: str, ctx: Context, warning
     if (smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first) and not smp.prompts:
         err("sampling.prompts is required when sampling is on (sample_every_n_steps / sample_every_n_epochs /"
             " sample_at_first)")
+    if smp.scorer is not None:  # LAB-DEMO: sampling.scorer
+        from .sample_scoring import scorer_problems
+
+        ctx.errors.extend(scorer_problems(smp, check_paths))
     if dataset.datasets and dataset.datasets[0].options["resolution"] is not None:
         w, h = dataset.datasets[0].options["resolution"]
         smp = rep(smp, width=smp.width or w, height=smp.height or h)

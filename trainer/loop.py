@@ -66,6 +66,7 @@ class Trainer:
         self.save_failure: str | None = None  # the last save that could not be written, until one succeeds
         self.deferred_error: BaseException | None = None  # raised between steps; reported at the next agreement
         self.bar = None
+        self.created_at = time.time()  # LAB-DEMO: the run's wall time, for sampling.scorer's report
 
     # ----------------------------------------------------------------- setup
     def prepare(self) -> None:
@@ -326,6 +327,10 @@ class Trainer:
         if final is None:
             return self.rescue(self.output_name(), final=True)
         self.print_end_summary(final)
+        if self.cfg.sampling.scorer and self.is_main:  # LAB-DEMO: the before/after figures as one JSON line
+            from trainer.sample_scoring import report
+
+            report(self)
         return 0
 
     def between_steps(self, work, *args) -> None:

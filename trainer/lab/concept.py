@@ -74,42 +74,63 @@ def labels_of(caption: str) -> tuple[str, str, str, str]:
     return words[1], words[-3], pattern, words[-1]
 
 
-def score_samples(sample_dir: str, prompt_file: str, kind: str, value: str) -> dict:
-    """Read the samples made before training and at the last step (the trainer's names)
-    for the prompts of ``prompt_file``: the fraction showing the concept, and the fractions
-    keeping the prompt's colour and background, before and after."""
+def sample_files(sample_dir: str, name: str | None = None) -> dict[str, dict[int, str]]:
+    """The trainer's samples in ``sample_dir``: {tag ("first" or the step): {prompt index: path}};
+    only those of run ``name`` (the trainer's output_name) when given."""
+    by_tag: dict[str, dict[int, str]] = {}
+    for file in os.listdir(sample_dir):
+        m = SAMPLE_NAME.match(file)
+        if m and (name is None or m["name"] == name):
+            by_tag.setdefault(m["tag"], {})[int(m["index"])] = os.path.join(sample_dir, file)
+    return by_tag
+
+
+def judge_samples(files: dict[int, str], prompts, kind: str, value: str) -> list[tuple[bool, bool, bool]]:
+    """For each prompt (the trainer's ``SamplePrompt``s; their index names the file): whether
+    its sample shows the concept, keeps the prompt's colour, keeps its background."""
     from PIL import Image
 
-    from trainer.prompts import load_prompts
-
-    prompts = load_prompts(prompt_file)
-    by_tag: dict[str, dict[int, str]] = {}
-    for name in os.listdir(sample_dir):
-        m = SAMPLE_NAME.match(name)
-        if m:
-            by_tag.setdefault(m["tag"], {})[int(m["index"])] = os.path.join(sample_dir, name)
-    steps = sorted(t for t in by_tag if t != "first")
-    if "first" not in by_tag or not steps:
-        raise UserError(f"{sample_dir}: expected samples from before training (sampling.sample_at_first) and "
-                        f"from a later step; found {', '.join(sorted(by_tag)) or 'none'}")
     vocab = vocabulary(kind, value)
     shapes = tuple(dict.fromkeys(BASE_VOCABULARY.shapes + vocab.shapes))
     patterns = tuple(dict.fromkeys(BASE_VOCABULARY.patterns + vocab.patterns))
     axis = 2 if kind == "pattern" else 1
+    out = []
+    for p in prompts:
+        with Image.open(files[p.index]) as img:
+            rgb = img.convert("RGB")
+        pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        reading = score.read(pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1), shapes=shapes, patterns=patterns)
+        want = labels_of(p.prompt)
+        out.append((reading.labels[axis] == want[axis], reading.colour == want[0], reading.background == want[3]))
+    return out
+
+
+def fractions(label: str, judged: list[tuple[bool, bool, bool]]) -> dict[str, float]:
+    """``concept_<label>``, ``colour_<label>``, ``background_<label>``: the fractions of ``judged``."""
+    n = len(judged)
+    return {f"{what}_{label}": round(sum(j[i] for j in judged) / n, 4)
+            for i, what in enumerate(("concept", "colour", "background"))}
+
+
+def score_samples(sample_dir: str, prompt_file: str, kind: str, value: str) -> dict:
+    """Read the samples made before training and at the last step (the trainer's names)
+    for the prompts of ``prompt_file``: the fraction showing the concept, and the fractions
+    keeping the prompt's colour and background, before and after."""
+    from trainer.prompts import load_prompts
+
+    prompts = load_prompts(prompt_file)
+    by_tag = sample_files(sample_dir)
+    steps = sorted(t for t in by_tag if t != "first")
+    if "first" not in by_tag or not steps:
+        raise UserError(f"{sample_dir}: expected samples from before training (sampling.sample_at_first) and "
+                        f"from a later step; found {', '.join(sorted(by_tag)) or 'none'}")
+    vocabulary(kind, value)
     out = {"concept": f"{kind} {value}", "samples": len(prompts)}
     for label, tag in (("before", "first"), ("after", steps[-1])):
         files = by_tag[tag]
         missing = [p.index for p in prompts if p.index not in files]
         if missing:
             raise UserError(f"{sample_dir}: samples {tag!r} lack prompt(s) {missing} of {prompt_file}")
-        readings = []
-        for p in prompts:
-            rgb = torch.frombuffer(bytearray(Image.open(files[p.index]).convert("RGB").tobytes()), dtype=torch.uint8)
-            image = rgb.view(32, 32, 3).permute(2, 0, 1)
-            readings.append((score.read(image, shapes=shapes, patterns=patterns), labels_of(p.prompt)))
-        n = len(readings)
-        out[f"concept_{label}"] = round(sum(r.labels[axis] == want[axis] for r, want in readings) / n, 4)
-        out[f"colour_{label}"] = round(sum(r.colour == want[0] for r, want in readings) / n, 4)
-        out[f"background_{label}"] = round(sum(r.background == want[3] for r, want in readings) / n, 4)
+        out.update(fractions(label, judge_samples(files, prompts, kind, value)))
         out[f"step_{label}"] = 0 if tag == "first" else int(tag)
     return out
