@@ -23,7 +23,7 @@ import importlib.util
 import os
 import sys
 
-from . import library, settings, syntax
+from . import library, settings, syntax, tools_tab
 from .engine import Engine
 
 PREFIX = "[QR-LoRA]"
@@ -205,5 +205,6 @@ def setup():
     script_callbacks.on_infotext_pasted(lambda infotext, params: infotext_pasted(engine, params))
     script_callbacks.on_app_started(lambda demo, app: add_api(engine, app))
     script_callbacks.on_script_unloaded(adapter.uninstall)
+    tools_tab.register(script_callbacks, qrlora_dir, basis_dir, log)  # the "QR-LoRA" tab (qrlora.ui)
     setup.engine, setup.adapter = engine, adapter  # for tests and debugging
     return script_class

@@ -8,10 +8,11 @@ import os
 import sys
 import time
 
-from . import __version__
+from . import __version__, tools
 from .checkpoint import STORAGE_DTYPES as DTYPES
-from .errors import IncompatibleFiles, UserError
+from .errors import UserError
 from .paths import basis_cache_dir as default_cache_dir
+from .tools import BasisSource
 
 
 class ProgressBar:
@@ -47,56 +48,11 @@ def _parse_weighted(item: str) -> tuple[str, float]:
     return path, value
 
 
-def _basis_for(args, names=None, arch=None):
-    """The basis from --basis FILE or computed (cached) from --base CHECKPOINT."""
-    from .basis import BasisCache, load_basis
-
-    if getattr(args, "basis", None):
-        return load_basis(args.basis)
-    if getattr(args, "base", None):
-        if not getattr(args, "rank", None):
-            raise UserError("--base needs the rank (from the ΔR file, or --rank)")
-        cache = BasisCache(args.cache or default_cache_dir())
-        basis, hit = cache.get_or_compute(args.base, args.rank, names, arch, device=args.device,
-                                          progress=ProgressBar("basis"))
-        print(f"basis {basis.basis_id} {'from cache' if hit else 'computed'} ({cache.path_for(basis.basis_id)})")
-        return basis
-    raise UserError("give the basis: --basis BASIS.safetensors or --base CHECKPOINT.safetensors")
-
-
-def _q_for(args, d, path: str):
-    """Q per layer for the ΔR file ``d`` read from ``path``, checked against the file's own
-    basis id, rank, layers and sketch."""
-    from .basis import check_basis
-
-    limit = args.max_disagreement / 100.0
-    if d.q:  # embedded: measured against the file's own sketch all the same (a matching id is no proof)
-        check = check_basis(d.names, d.sketch, d.basis_id, d.q, d.basis_id, limit)
-        if not check.ok:
-            raise IncompatibleFiles(f"{path}: the embedded {check.describe()} (limit --max-disagreement {args.max_disagreement:g} %)")
-        return d.q
-    args.rank = d.rank
-    basis = _basis_for(args, names=list(d.layers), arch=d.arch)
-    source = args.basis or f"the basis of {args.base}"
-    if basis.rank != d.rank:
-        raise IncompatibleFiles(f"{path} has rank {d.rank} but {source} has rank {basis.rank}; use a rank-{d.rank} basis")
-    missing = [n for n in d.layers if n not in basis.q]
-    if missing:
-        raise IncompatibleFiles(f"{source} lacks {len(missing)} of the {len(d.layers)} layers of {path} (first: {missing[0]})")
-    for n in d.layers:
-        if tuple(basis.q[n].shape) != (d.targets[n].shape[0], d.rank):
-            raise IncompatibleFiles(f"layer {n}: Q in {source} is {tuple(basis.q[n].shape)}, but {path} needs"
-                                    f" ({d.targets[n].shape[0]}, {d.rank})")
-    if basis.basis_id != d.basis_id and d.sketch is None:
-        raise IncompatibleFiles(f"{source} ({basis.basis_id}) is not the basis of {path} ({d.basis_id}), and the file"
-                                " has no sketch to measure the difference")
-    # measured whatever the ids say: a stale or altered basis can carry the right id
-    check = check_basis(d.names, d.sketch, d.basis_id, basis.q, basis.basis_id, limit)
-    if not check.ok:
-        raise IncompatibleFiles(check.describe() + f" (limit --max-disagreement {args.max_disagreement:g} %)")
-    if not check.same_id:
-        print("warning: " + check.describe(), file=sys.stderr)
-    return basis.q
+def _basis_source(args) -> BasisSource:
+    """Where Q comes from, as the command line gave it (--basis, --base, --cache, --device)."""
+    return BasisSource(basis=getattr(args, "basis", None), base=getattr(args, "base", None),
+                       cache=getattr(args, "cache", None), device=getattr(args, "device", "auto"),
+                       max_disagreement=getattr(args, "max_disagreement", 1.0), progress=ProgressBar("basis"))
 
 
 def _input_elements(paths) -> int:
@@ -122,72 +78,29 @@ def cmd_make_tiny(args) -> None:
 
 
 def cmd_basis(args) -> None:
-    from .basis import BasisCache, basis_from_checkpoint, save_basis
-
     targets = args.targets if args.targets is None or len(args.targets) > 1 else args.targets[0]
-    started = time.perf_counter()
-    if args.cache:
-        basis, hit = BasisCache(args.cache).get_or_compute(args.checkpoint, args.rank, targets, args.arch,
-                                                           device=args.device, progress=ProgressBar("basis"))
-    else:
-        basis, hit = basis_from_checkpoint(args.checkpoint, args.rank, targets, args.arch, device=args.device,
-                                           progress=ProgressBar("basis")), False
-    save_basis(basis, args.output, DTYPES[args.dtype])
-    print(f"{basis.basis_id}: {len(basis.targets)} layers at rank {basis.rank}"
-          f" ({'cache hit' if hit else 'computed'} in {time.perf_counter() - started:.1f}s) -> {args.output}")
+    print(tools.compute_basis(args.checkpoint, args.rank, args.output, targets, args.arch, cache=args.cache,
+                              device=args.device, dtype=args.dtype, progress=ProgressBar("basis")))
 
 
 def cmd_fuse(args) -> None:
-    from . import deltar
-    from .fusion import fuse
-
-    items = []
-    for spec in args.files:
-        path, weight = _parse_weighted(spec)
-        items.append((path, deltar.load(path), weight))
-    fused = fuse(items)
-    name = args.name or os.path.splitext(os.path.basename(args.output))[0]
-    fused.metadata["qrlora.fused_from"] = json.dumps([[os.path.basename(p), w] for p, _, w in items])
-    deltar.save(fused, args.output, DTYPES[args.dtype], output_name=name,
-                base_model=fused.metadata.get("ss_sd_model_name", ""))
-    print(f"fused {len(items)} files ({', '.join(f'{os.path.basename(p)}×{w:g}' for p, _, w in items)}) -> {args.output}")
+    print(tools.fuse_files([_parse_weighted(spec) for spec in args.files], args.output, args.dtype, args.name))
 
 
 def cmd_export(args) -> None:
-    from . import deltar, export
-    from .checkpoint import save_atomic
-
-    d = deltar.load(args.file)
-    q = _q_for(args, d, args.file)
-    convert = export.to_kohya if args.to == "kohya" else export.to_diffusers
-    tensors, meta = convert(d, q, DTYPES[args.dtype])
-    if args.base and not meta.get("ss_sd_model_name") and args.to == "kohya":
-        meta["ss_sd_model_name"] = os.path.basename(args.base)
-    save_atomic(tensors, args.output, meta, model_hash=True)
-    print(f"exported {len(d.layers)} layers as a {args.to} LoRA ({len(tensors)} tensors) -> {args.output}")
+    print(tools.export_file(args.file, args.to, args.output, _basis_source(args), args.dtype))
 
 
 def cmd_import_official(args) -> None:
-    from . import deltar
-    from .official import import_official, read_official
-
-    arch, layers = read_official(args.file)
-    args.rank = next(iter(layers.values()))["delta_r"].shape[0]
-    basis = _basis_for(args, names=list(layers), arch=arch)
-    d, report = import_official(args.file, basis, tolerance=args.tolerance, force=args.force)
-    name = os.path.splitext(os.path.basename(args.output))[0]
-    deltar.save(d, args.output, DTYPES[args.dtype], output_name=name,
-                base_model=os.path.basename(args.base) if args.base else "")
-    print(report.summary())
-    for layer in (report.moved or report.mismatched)[:20]:
-        print(f"  {layer.name}: stored Q differs by {layer.q_error:.2%}; ΔW moved {layer.dw_error:.2%}")
-    print(f"-> {args.output}")
+    for line in tools.import_official_file(args.file, args.output, _basis_source(args), args.tolerance,
+                                           args.force, args.dtype):
+        print(line)
 
 
 def cmd_similarity(args) -> None:
     from . import similarity
 
-    result = similarity.compare(args.a, args.b, q_for=lambda path, d: _q_for(args, d, path))
+    result = tools.compare_files(args.a, args.b, _basis_source(args))
     print(similarity.format_summary(result))
     if args.json:
         similarity.save_json(result, args.json)
@@ -195,6 +108,14 @@ def cmd_similarity(args) -> None:
     if args.plot:
         similarity.plot(result, args.plot)
         print(f"plot -> {args.plot}")
+
+
+def cmd_ui(args) -> None:
+    from .ui import launch
+
+    if not os.path.isdir(args.dir):
+        raise UserError(f"--dir {args.dir} is not a folder")
+    launch(args.dir, port=args.port, host=args.host, basis_cache=args.basis_cache)
 
 
 def cmd_inspect(args) -> None:
@@ -287,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print everything as JSON, values in full")
     common(sp)
     sp.set_defaults(func=cmd_inspect, inputs=lambda a: [])
+
+    sp = sub.add_parser("ui", help="the tools in a browser page (gradio), without a WebUI")
+    sp.add_argument("--dir", default=".", help="folder whose files are listed and where outputs go (default: here)")
+    sp.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sp.add_argument("--basis-cache", help=f"basis cache folder (default {default_cache_dir()})")
+    common(sp)
+    sp.set_defaults(func=cmd_ui, inputs=lambda a: [])
     return p
 
 
