@@ -77,16 +77,17 @@ def make_basis_file(checkpoint: str, output: str, rank=RANK, targets="flux-offic
 def test_fp8_only_weights_without_a_basis_stop_naming_the_command_that_makes_it(user_files, tiny_flux, tmp_path,
                                                                                   capsys):
     config = config_on(tmp_path, user_files["fp8"], user_files["model"])
-    with pytest.raises(ConfigError):  # before any training: while the model is located
+    with pytest.raises(ConfigError):  # before any training: before the model is loaded
         Trainer(load_config(config), log=lambda s: None).prepare()
-    capsys.readouterr()
-    assert main(["--config", config]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
     output = os.path.join(str(user_files["root"]), f"flux1-dev-fp8-basis-r{RANK}.safetensors")
     command = f"qrlora basis flux1-dev.safetensors --rank {RANK} --targets flux-official -o {output}"
-    assert f"model.pretrained: {user_files['fp8']} stores the FLUX transformer in fp8" in err, err
-    assert f"`{command}`" in err and f'model.basis = "{output}"' in err, err
+    for dry_run in ([], ["--dry-run"]):  # the plan stops on it too
+        capsys.readouterr()
+        assert main(["--config", config, *dry_run]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        assert f"model.pretrained: {user_files['fp8']} stores the FLUX transformer in fp8" in err, err
+        assert f"`{command}`" in err and f'model.basis = "{output}"' in err, err
     assert not os.path.exists(tmp_path / "out" / "dog.safetensors")
 
     # the command, run on the 16-bit release, makes the basis the message says to set; with it the run trains

@@ -43,9 +43,31 @@ def preflight(cfg: Config, plan=None) -> list[str]:
     if plan is None:
         plan = cfg.dataset_plan()
     problems += image_problems(plan)
+    problems += model_file_problems(cfg)
     if problems:
         raise ConfigError(problems, cfg.source)
     return warnings
+
+
+# ----------------------------------------------------------------- model files
+def model_file_problems(cfg: Config) -> list[str]:
+    """The model family's own check of its files from their headers, where it has one (FLUX: every
+    part found, and a basis for an fp8-only transformer). A model that cannot even be recognised
+    is left to the load, which names it."""
+    from trainer.setup import family_for
+
+    try:
+        check = getattr(family_for(cfg), "check_files", None)
+    except UserError:
+        return []
+    try:
+        if check is not None:
+            check(cfg)
+    except ConfigError as e:
+        return list(e.problems)
+    except UserError as e:
+        return [str(e)]
+    return []
 
 
 # ----------------------------------------------------------------- folders

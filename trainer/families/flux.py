@@ -143,6 +143,13 @@ class FluxFamily(ModelFamily):
             info=info,
         )
 
+    def check_files(self, cfg: Any) -> None:
+        """Raise a UserError for what loading would refuse, from headers alone (preflight, --dry-run)."""
+        from .flux_load import check_files
+
+        network = cfg.network
+        check_files(cfg.model, needs_basis=network.type == "qrlora", rank=network.rank, targets=network.targets)
+
     def configure(self, models: Models, cfg: Any) -> list[str]:
         objective, warnings = objective_for(cfg.flux, models.info["is_schnell"])
         models.info["objective"] = objective

@@ -207,6 +207,15 @@ def _locate(model_cfg) -> tuple[dict[str, _Source], str, str | None, bool]:
     return sources, layout, config_dir, builtin
 
 
+def check_files(model_cfg, *, needs_basis: bool = True, rank: int | None = None, targets=None) -> None:
+    """What ``load_flux`` settles before reading any weight, from the files' headers alone, for
+    the trainer's preflight and ``--dry-run``: every part found, the basis of an fp8 transformer."""
+    from .flux_basis import resolve_basis
+
+    sources = _locate(model_cfg)[0]
+    resolve_basis(model_cfg, sources["transformer"], rank, needs_basis, targets)
+
+
 # ----------------------------------------------------------------- reading tensors
 class _Reader:
     """Tensors of one file under one prefix, keys without the prefix."""
