@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from qrlora.errors import UserError
+
 from trainer.lab import merges, study
 from trainer.lab.__main__ import main as lab_main
 
@@ -174,7 +174,9 @@ def interrupted_then_resumed(study_folder):
 
 def test_an_interrupted_study_resumes_without_training_an_adapter_twice(interrupted_then_resumed, monkeypatch):
     out, (first, second), _ = interrupted_then_resumed
-    names = lambda paths: [p.rsplit("/", 1)[-1].removesuffix(".toml") for p in paths]  # noqa: E731
+    def names(paths):
+        return [p.rsplit("/", 1)[-1].removesuffix(".toml") for p in paths]
+
     assert names(first) == ["content-qrlora", "content-lora"]
     assert names(second) == ["style-qrlora", "style-lora"]
     # a third run trains nothing
@@ -184,10 +186,10 @@ def test_an_interrupted_study_resumes_without_training_an_adapter_twice(interrup
 
 
 def test_the_shrunk_study_fills_every_cell_of_the_table(interrupted_then_resumed):
-    out, _, report = interrupted_then_resumed
+    out, _, _ = interrupted_then_resumed
     saved = json.loads((out / "study.json").read_text())
     assert set(saved["results"]) == set(study.METHODS)
-    for method, row in saved["results"].items():
+    for row in saved["results"].values():
         assert set(row) == set(study.SCORERS)
         for r in row.values():
             assert r["n"] == 4 and 0 <= r["low"] <= r["fraction"] <= r["high"] <= 1

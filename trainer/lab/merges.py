@@ -20,10 +20,9 @@ its ΔW), which needs no images.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-
 from qrlora import archs, deltar
 from qrlora.basis import load_basis
 from qrlora.checkpoint import FileFormatError, SafetensorsFile

@@ -21,12 +21,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-
 from qrlora.checkpoint import write_bytes_atomic
 from qrlora.errors import UserError
 
 from . import merges, score, world
-from .concept import KINDS, vocabulary
+from .concept import vocabulary
 from .pretrain import BASE_VOCABULARY
 
 SCORERS = ("content", "style", "both", "leakage", "retention")
@@ -166,6 +165,9 @@ def _check_numbers(path: str, s: Study) -> None:
                               ("eval.samples", s.samples, 1), ("eval.steps", s.eval_steps, 1)):
         if value < low:
             raise UserError(f"{path}: {where} = {value}: expected at least {low}")
+    for where, items, allowed in (("merge.methods", s.methods, METHODS), ("eval.scorers", s.scorers, SCORERS)):
+        if not items:
+            raise UserError(f"{path}: {where} is empty: expected some of {', '.join(allowed)}")
     if not s.eval_seeds or s.samples % len(s.eval_seeds):
         raise UserError(f"{path}: eval.samples = {s.samples}: expected a multiple of the {len(s.eval_seeds)} eval.seeds")
     if not os.path.isfile(s.base):
@@ -235,7 +237,10 @@ def train_all(study: Study, out: str, say=print) -> dict:
     from .concept import write_dataset
 
     record_path = os.path.join(out, "adapters.json")
-    record = json.load(open(record_path, encoding="utf-8")) if os.path.isfile(record_path) else {}
+    record = {}
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
     base_digest = _sha256(study.base)
     for name, concept, kind in adapter_names(study):
         data = os.path.join(out, "data", f"{concept.value}-{concept.images}")

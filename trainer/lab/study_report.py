@@ -22,6 +22,13 @@ SCORER_TITLES = {
     "leakage": "leakage ↓",
     "retention": "base skills kept ↑",
 }
+# the lower panel's lines, styled apart from the bars above (whose colours mean methods)
+SIMILARITY_STYLES = {
+    "qrlora_delta_r": {"color": "black", "linestyle": "-"},
+    "lora_A": {"color": "tab:gray", "linestyle": ":"},
+    "lora_B": {"color": "tab:brown", "linestyle": "--"},
+    "lora_delta_w": {"color": "tab:olive", "linestyle": "-."},
+}
 SIMILARITY_TITLES = {
     "qrlora_delta_r": "QR-LoRA cos(ΔR)",
     "lora_A": "LoRA cos(A)",
@@ -53,10 +60,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {adapter} | " + " | ".join(f"{100 * shares.get(b, 0):.0f} %" for b in blocks) + " |")
     z = report["merges"].get("ziplora", {})
     if "objective" in z:
-        lines += ["", f"ZipLoRA merge, mean over {z['layers']} layers (before → after): objective "
-                      f"{z['objective'][0]:.3f} → {z['objective'][1]:.3f}, preservation error "
-                      f"{z['preservation'][0]:.3f} → {z['preservation'][1]:.3f}, coefficient overlap (cos) "
-                      f"{z['overlap'][0]:.3f} → {z['overlap'][1]:.3f}."]
+        lines += ["", (f"ZipLoRA merge, mean over {z['layers']} layers (before → after): objective "
+                       f"{z['objective'][0]:.3f} → {z['objective'][1]:.3f}, preservation error "
+                       f"{z['preservation'][0]:.3f} → {z['preservation'][1]:.3f}, coefficient overlap (cos) "
+                       f"{z['overlap'][0]:.3f} → {z['overlap'][1]:.3f}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +92,7 @@ def figure(report: dict, path: str) -> None:
     bars.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     sim = report["similarity"]
     for key, values in sim["per_layer"].items():
-        lines.plot(range(len(values)), values, marker=".", linewidth=0.9,
+        lines.plot(range(len(values)), values, marker=".", linewidth=0.9, **SIMILARITY_STYLES[key],
                    label=f"{SIMILARITY_TITLES[key]} (mean |cos| {sim['summary'][key]['mean_abs']:.2f})")
     lines.axhline(0, color="grey", linewidth=0.5)
     lines.set_ylim(-1.05, 1.05)
