@@ -116,7 +116,8 @@ def tab(p, name):
 
 def choose(p, elem_id, value):
     p.click(f"#{elem_id} input")
-    p.locator(f'ul.options li[aria-label="{value}"]').click()
+    p.locator(f'#{elem_id} ul.options li[aria-label="{value}"]').click()
+    p.wait_for_function("([sel, v]) => document.querySelector(sel).value === v", arg=[f"#{elem_id} input", value])
 
 
 def type_in(p, elem_id, text):
@@ -203,8 +204,9 @@ def test_a_file_deleted_after_listing_gives_a_message(page, server):
     assert not os.path.exists(os.path.join(files.folder, "from-doomed.safetensors"))
     page.click("#qrlora_refresh")  # the list forgets it
     page.click("#qrlora_fuse_file1 input")
-    page.wait_for_selector('ul.options li[aria-label="style.safetensors"]')
-    assert page.locator('ul.options li[aria-label="doomed.safetensors"]').count() == 0
+    page.wait_for_selector('#qrlora_fuse_file1 ul.options li[aria-label="style.safetensors"]')
+    assert page.locator('#qrlora_fuse_file1 ul.options li[aria-label="doomed.safetensors"]').count() == 0
+    page.keyboard.press("Escape")
 
 
 def test_export(page, server):
