@@ -138,18 +138,37 @@ class BlockWeights:
         return self.weight(block_of(self.layout.arch, key))
 
 
+class NotANumber(ValueError):
+    """Text that is not a finite number; ``parsed`` is True for text that is a number but not
+    finite (``inf``, ``nan``), so callers can say which."""
+
+    def __init__(self, text: str, parsed: bool):
+        super().__init__(text)
+        self.text = text
+        self.parsed = parsed
+
+
+def finite_number(text: str) -> float:
+    """The one parser of the numbers users write in tags (λ, te=, unet=, lbw= weights, steps):
+    ``float(text)`` when it is finite, else NotANumber."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise NotANumber(text, parsed=False) from None
+    if not math.isfinite(value):
+        raise NotANumber(text, parsed=True)
+    return value
+
+
 def parse_list(text: str) -> tuple[float, ...]:
     """``"1,0,0.5"`` -> numbers; BlockError naming the first entry that is not a finite number."""
     values = []
     for i, part in enumerate(text.split(","), 1):
         part = part.strip()
         try:
-            v = float(part)
-        except ValueError:
-            raise BlockError(f"weight {i} ({part!r}) is not a number") from None
-        if not math.isfinite(v):
-            raise BlockError(f"weight {i} ({part!r}) is not a finite number")
-        values.append(v)
+            values.append(finite_number(part))
+        except NotANumber as e:
+            raise BlockError(f"weight {i} ({part!r}) is {'not a finite number' if e.parsed else 'not a number'}") from None
     return tuple(values)
 
 
@@ -158,11 +177,12 @@ def looks_like_list(spec: str) -> bool:
 
 
 def _is_number(text: str) -> bool:
+    """A number, finite or not (``nan`` is a list of one bad weight, not a preset name)."""
     try:
-        float(text)
+        finite_number(text)
         return True
-    except ValueError:
-        return False
+    except NotANumber as e:
+        return e.parsed
 
 
 def resolve(spec: str, arch: str, presets: "Presets") -> BlockWeights:

@@ -9,13 +9,16 @@ arguments are the name and λ; everything else is ``key=value``:
   ``<lora:name:te=…:unet=…>``;
 - ``lbw=``: per-block weights, a preset name or a list in lbw's block lists (``blocks.py``);
   the list's numbers are checked here, its length against the loaded model by the engine;
-- ``start=`` / ``stop=``: the sampling step window (lbw's keys), whole numbers ≥ 0;
-- anything else gives a readable warning and is ignored.
+- ``start=`` / ``stop=`` (or lbw's ``step=FIRST-END``): the sampling step window, whole
+  numbers ≥ 0 as lbw reads them; the tag's UNet/transformer layers apply on the steps
+  ``start ≤ step < stop`` of each sampling pass, the first step being 0 (``planner.py``);
+- the keys other tags know (``RESERVED``) give a readable warning and are ignored; any other
+  key makes the tag unusable (one message, the tag is skipped).
 """
 
 from __future__ import annotations
 
-import math
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -31,7 +34,7 @@ RESERVED = {
     "lbwe": "lbw's elemental weights (lbwe=) are not supported; use lbw=",
     "dyn": "dyn= has no meaning for QR-LoRA (the rank is fixed by the basis)",
 }
-KNOWN = ("te", "unet", "lbw", "start", "stop")
+KNOWN = ("te", "unet", "lbw", "start", "stop", "step")
 
 
 class TagError(ValueError):
@@ -47,7 +50,7 @@ class Tag:
     options: dict[str, str] = field(default_factory=dict)  # ignored keys other tags know
     warnings: list[str] = field(default_factory=list)
     lbw: str | None = None  # per-block weights as written: a preset name or a list
-    start: int | None = None  # first sampling step the tag applies to
+    start: int | None = None  # first sampling step the tag applies to (steps count from 0)
     stop: int | None = None  # first sampling step it no longer applies to
 
     def multiplier_for(self, text_encoder: bool) -> float:
@@ -82,22 +85,41 @@ def check_name(name: str) -> str:
 
 def _number(text: str, what: str, tag: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
+        return blocks.finite_number(text)
+    except blocks.NotANumber as e:
+        if e.parsed:
+            raise TagError(f"<qrlora:{tag}>: {what} must be a finite number, not {text!r}") from None
         raise TagError(f"<qrlora:{tag}>: {what} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise TagError(f"<qrlora:{tag}>: {what} must be a finite number, not {text!r}")
-    return value
 
 
 def _step(text: str, key: str, tag: str) -> int:
+    """A step number as lbw reads ``start=``/``stop=`` (``int(...)``: whole steps, no fractions)."""
+    expected = f"<qrlora:{tag}>: {key}= expects a sampling step (a whole number ≥ 0, the first step is 0)"
     try:
-        value = int(text)
-    except ValueError:
-        raise TagError(f"<qrlora:{tag}>: {key}= expects a sampling step (a whole number ≥ 0), not {text!r}") from None
+        value = blocks.finite_number(text)
+    except blocks.NotANumber:
+        raise TagError(f"{expected}, not {text!r}") from None
     if value < 0:
-        raise TagError(f"<qrlora:{tag}>: {key}= expects a sampling step (a whole number ≥ 0), not {text!r}")
-    return value
+        raise TagError(f"{expected}, not {text!r}")
+    if not value.is_integer():
+        raise TagError(f"{expected}, not {text!r} (fractions of the steps are not taken, as in lbw)")
+    return int(value)
+
+
+def _step_range(text: str, tag: str) -> tuple[int, int]:
+    """lbw's ``step=FIRST-END``: the same window as ``start=FIRST:stop=END``."""
+    first, sep, end = text.partition("-")
+    if not sep:
+        raise TagError(f"<qrlora:{tag}>: step= expects FIRST-END (as lbw's step=5-10), not {text!r}")
+    return _step(first.strip(), "step", tag), _step(end.strip(), "step", tag)
+
+
+def _unknown(key: str, value: str, tag: str) -> TagError:
+    """An option we do not know: the tag is skipped, since applying it without the option
+    would silently give another image (a misspelt ``strat=`` would apply at every step)."""
+    near = difflib.get_close_matches(key, KNOWN + tuple(RESERVED), n=1)
+    hint = f"did you mean {near[0]}=?" if near else "known: " + ", ".join(f"{k}=" for k in KNOWN)
+    return TagError(f"<qrlora:{tag}>: unknown option {key}={value} ({hint}); tag skipped")
 
 
 def _lbw(text: str, tag: str) -> str:
@@ -143,17 +165,20 @@ def parse_tag(items: Sequence[str], default_multiplier: float = 1.0) -> Tag:
             unet = _number(value, "unet=", name)
         elif key == "lbw":
             lbw = _lbw(value, name)
-        elif key in ("start", "stop"):
-            if key == "start":
-                start = _step(value, key, name)
-            else:
-                stop = _step(value, key, name)
+        elif key == "start":
+            start = _step(value, key, name)
+        elif key == "stop":
+            stop = _step(value, key, name)
         elif key in RESERVED:
             options[key] = value
             warnings.append(f"<qrlora:{name}>: {RESERVED[key]}; {key}={value} ignored")
-        else:
-            known = ", ".join(f"{k}=" for k in KNOWN)
-            warnings.append(f"<qrlora:{name}>: unknown option {key}={value} ignored (known: {known})")
+        elif key != "step":
+            raise _unknown(key, value, name)
+    if "step" in named:
+        if "start" in named or "stop" in named:
+            raise TagError(f"<qrlora:{name}>: write the step window either as step=FIRST-END or as start=/stop=, "
+                           "not both")
+        start, stop = _step_range(named["step"], name)
     if start is not None and stop is not None and stop <= start:
         raise TagError(f"<qrlora:{name}>: stop={stop} must be after start={start} (steps count from 0)")
     return Tag(name, multiplier, te, unet, options, warnings, lbw, start, stop)

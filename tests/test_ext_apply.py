@@ -213,12 +213,14 @@ def test_each_bad_input_gives_one_message_and_leaves_the_model_untouched(host, w
     check_applied(host, world, host.original, {"dog": 0.5})
 
 
-def test_unknown_options_warn_and_still_apply(host, world):
-    p = host.generate("<qrlora:dog:0.5:lbwe=ATTNDEEPOFF:foo=2>")
+def test_reserved_options_warn_and_unknown_ones_skip_the_tag(host, world):
+    p = host.generate("<qrlora:dog:0.5:lbwe=ATTNDEEPOFF>")
     text = comments(p)
     assert "lbwe=" in text and "not supported" in text
-    assert "unknown option foo=2" in text
     check_applied(host, world, host.original, {"dog": 0.5})
+    p = host.generate("<qrlora:dog:0.5:foo=2> <qrlora:style:0.3>")  # an unknown option: that tag only is skipped
+    assert "<qrlora:dog>: unknown option foo=2" in comments(p)
+    check_applied(host, world, host.original, {"style": 0.3})
 
 
 def test_default_lambda_from_settings(host, world):

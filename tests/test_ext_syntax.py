@@ -26,11 +26,15 @@ def test_te_and_unet_override_lambda():
     assert tag("dog:te=0").te == 0.0 and tag("dog:te=0").unet == 1.0
 
 
-def test_unknown_and_reserved_keys_warn():
-    t = tag("dog:1:lbwe=ATTNDEEPOFF:color=red")
+def test_reserved_keys_warn_and_unknown_keys_skip_the_tag():
+    t = tag("dog:1:lbwe=ATTNDEEPOFF")
     assert t.options == {"lbwe": "ATTNDEEPOFF"}
     assert any("lbwe=" in w and "not supported" in w for w in t.warnings)
-    assert any("unknown option color=red" in w and "lbw=" in w for w in t.warnings)
+    # an option we do not know would silently give another image (a misspelt window applies at every step)
+    with pytest.raises(syntax.TagError, match=r"<qrlora:dog>: unknown option color=red \(known: te=, unet=, lbw="):
+        tag("dog:1:color=red")
+    with pytest.raises(syntax.TagError, match=r"unknown option stopp=4 \(did you mean stop=\?\)"):
+        tag("dog:1:stopp=4")
     assert tag("dog:1:0.5").warnings  # a third positional argument is not silently taken
 
 
@@ -40,6 +44,8 @@ def test_lbw_preset_list_and_step_window():
     assert (t.lbw, t.start, t.stop, t.warnings) == (twelve, 3, 10, [])
     assert tag("dog:lbw=content").lbw == "content"
     assert tag("dog").lbw is None and tag("dog").start is None
+    assert (tag("dog:1:step=5-10").start, tag("dog:1:step=5-10").stop) == (5, 10)  # lbw's form
+    assert (tag("dog:1:start=3.0").start, tag("dog:1:Stop=7").stop) == (3, 7)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -51,6 +57,9 @@ def test_lbw_preset_list_and_step_window():
     ("dog:1:start=x", r"start= expects a sampling step"),
     ("dog:1:stop=-2", r"stop= expects a sampling step"),
     ("dog:1:start=5:stop=5", r"stop=5 must be after start=5"),
+    ("dog:1:start=2.5", r"start= expects a sampling step .* not '2.5' \(fractions of the steps are not taken"),
+    ("dog:1:step=2-x", r"step= expects a sampling step"),
+    ("dog:1:step=2-4:start=1", r"either as step=FIRST-END or as start=/stop="),
 ])
 def test_bad_block_weights_and_windows_name_the_tag(text, expected):
     with pytest.raises(syntax.TagError, match=expected):
