@@ -17,6 +17,11 @@ Verified against A1111 v1.10 ``extensions-builtin/Lora`` (``networks.py``, ``net
   any change makes ``network_current_names`` differ and Lora restores and re-merges.
 - OpenCLIP's fused attention needs modules for q, k, v and out_proj together; missing ones
   are added as zero modules.
+- Step windows (``start=``/``stop=``): ``modules/script_callbacks.py`` ``on_cfg_denoiser`` runs
+  in ``CFGDenoiser.forward`` (``modules/sd_samplers_cfg_denoiser.py``) before each model call;
+  where the plan switches, ``on_step`` puts the networks of the new step's groups in
+  ``loaded_networks``, so Lora's lazy merge (``network_apply_weights``, in every patched
+  module's forward) restores each weight from its backup and merges the new sum at that call.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections import OrderedDict
 import torch
 
 from . import keymap
-from .engine import ModelInfo, report_plan
+from .engine import ModelInfo, report_plan, sampling_step
 
 Q_KEY = "qrlora_q.weight"
 DELTA_KEY = "qrlora_delta_r.weight"
@@ -91,8 +96,10 @@ class A1111Adapter:
         self.shared = shared
         self.log = log
         self.current: list = []  # our Network objects for the current pass
+        self.plan = None  # the current pass's plan (its switches drive on_step)
         self._built: OrderedDict = OrderedDict()  # (identity, layer mapping) -> Network, current model only
         self._model = None  # weak reference to the model the networks were built on
+        self._keep = 2  # networks kept built: raised to every group of the last two plans
         self.module_type = make_module_type(network)
 
     # ----------------------------------------------------------------- install
@@ -132,8 +139,11 @@ class A1111Adapter:
     def activate(self, p, params_list) -> None:
         sd_model = getattr(p, "sd_model", None) or self.shared.sd_model
         try:
+            self.plan = None
             plan = self.engine.plan([list(params.items) for params in params_list], self.model_info(sd_model))
+            self._keep = max(2, 2 * len(plan.all_groups()))
             self.current = [self._network(g, sd_model) for g in plan.groups]
+            self.plan = plan
         except Exception:
             self.current = []  # never leave the previous prompt's networks applied
             raise
@@ -143,6 +153,18 @@ class A1111Adapter:
 
     def deactivate(self, p) -> None:
         pass  # like Lora: weights are restored lazily when the wanted set changes
+
+    def on_step(self, params) -> None:
+        """``on_cfg_denoiser``: at a step where a window opens or closes, the networks of that
+        step replace ours in ``loaded_networks``; at every other step nothing changes."""
+        plan = self.plan
+        if plan is None or not plan.switches or self._model is None or self._model() is None:
+            return
+        groups = plan.groups_at(sampling_step(params))
+        if [g.identity for g in groups] == [n.qrlora_identity for n in self.current]:
+            return
+        self.current = [self._network(g, self._model()) for g in groups]
+        self.sync()
 
     # ----------------------------------------------------------------- the model
     def _mapping(self, sd_model) -> dict:
@@ -191,7 +213,7 @@ class A1111Adapter:
         if net is None:
             net = self._build(group, self._mapping(sd_model))
             self._built[key] = net
-            while len(self._built) > 2:
+            while len(self._built) > self._keep:  # every group of this plan and the one before
                 self._built.popitem(last=False)
         return net
 
@@ -203,6 +225,7 @@ class A1111Adapter:
         net.mentioned_name = None  # Lora lists only its own networks in "Lora hashes"
         net.bundle_embeddings = {}
         net.qrlora = True
+        net.qrlora_identity = group.identity
         for layer in group.layers.values():
             loc = keymap.a1111_layer(layer.target)
             self._add(net, loc.network_key, mapping[loc.layer_name], layer.q, layer.delta)

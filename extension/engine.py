@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from . import blocks, core, syntax
+from . import blocks, core, planner, syntax
 from .bases import BasisResolver, LoadedModel
 from .library import Library, LookupFailed
 from .planner import FileCache, Fuser, FusedGroup, Member
@@ -34,17 +34,54 @@ class ModelInfo:
 
 @dataclass
 class Plan:
-    groups: list[FusedGroup] = field(default_factory=list)
+    groups: list[FusedGroup] = field(default_factory=list)  # applied from the first step (every step without windows)
     messages: list[str] = field(default_factory=list)
     hashes: dict[str, str] = field(default_factory=dict)  # prompt name -> short hash
+    # step windows: (step, the groups applied from that step on), in step order, only where
+    # a tag's start=/stop= changes what applies; the hosts switch weights only there
+    switches: list[tuple[int, list[FusedGroup]]] = field(default_factory=list)
 
     @property
     def identity(self) -> str:
         return "/".join(g.identity for g in self.groups)
 
+    def groups_at(self, step: int) -> list[FusedGroup]:
+        groups = self.groups
+        for first, later in self.switches:
+            if first > step:
+                break
+            groups = later
+        return groups
+
+    def all_groups(self) -> list[FusedGroup]:
+        return self.groups + [g for _, groups in self.switches for g in groups]
+
+    def keep_only(self, keep: Callable[[FusedGroup], bool]) -> None:
+        """Drop the groups ``keep`` refuses, at every step."""
+        self.groups = [g for g in self.groups if keep(g)]
+        self.switches = [(step, [g for g in groups if keep(g)]) for step, groups in self.switches]
+
     def say(self, text: str) -> None:
         if text and text not in self.messages:
             self.messages.append(text)
+
+
+def sampling_step(params) -> int:
+    """The sampler step (from 0) a ``CFGDenoiserParams`` is given for, in both WebUIs.
+
+    ``params.sampling_step`` is ``state.sampling_step``, which the sampler's callback sets only
+    after a step (``sd_samplers_common.Sampler.callback_state``): during step i it still reads
+    i - 1, and 0 during steps 0 and 1 (lbw compensates with its ``step - 2``). The denoiser
+    itself counts its calls (``CFGDenoiser.step``, reset per pass by ``Sampler.initialize``) and
+    knows ``steps`` and ``total_steps`` (the calls the sampler makes: ``steps`` for Euler-like
+    samplers, ``2·steps`` for the ``second_order`` ones: Heun, DPM2, DPM++ 2S a, DPM++ SDE; set
+    by ``launch_sampling``), so ``calls · steps // total_steps`` is the exact step for both
+    kinds (a second-order sampler's last step makes one call, so its count ends one short)."""
+    denoiser = getattr(params, "denoiser", None)
+    calls, steps, total = (getattr(denoiser, k, None) for k in ("step", "steps", "total_steps"))
+    if all(isinstance(v, int) for v in (calls, steps, total)) and total > 0:
+        return min(calls * steps // total, max(steps - 1, 0))
+    return int(getattr(params, "sampling_step", 0) or 0)
 
 
 class Engine:
@@ -80,10 +117,13 @@ class Engine:
         groups: dict[tuple[str, str], list[Member]] = {}
         for m in members:
             groups.setdefault((m.deltar.basis_id, m.deltar.mask), []).append(m)
-        for group in groups.values():
-            fused = self._fuse(group, model, plan)
-            if fused is not None:
-                plan.groups.append(fused)
+        schedules = [planner.windows(g) for g in groups.values()]
+        # the groups of this plan and of the one before (the first pass's and the hires pass's)
+        self.fuser.keep = max(2, 2 * sum(len(s) for s in schedules))
+        fused = [f for f in (self._fuse(s, model, plan) for s in schedules) if f is not None]
+        plan.groups = [f[0][1] for f in fused]
+        for step in sorted({step for f in fused for step, _ in f[1:]}):
+            plan.switches.append((step, [next(g for first, g in reversed(f) if first <= step) for f in fused]))
         if len(plan.groups) > 1:
             parts = "; ".join(f"{g.title} (basis {g.basis_id}, mask {g.mask})" for g in plan.groups)
             plan.say(f"files trained on different bases or masks are applied separately, not fused: {parts}")
@@ -134,13 +174,15 @@ class Engine:
             except blocks.BlockError as e:
                 plan.say(f"<qrlora:{tag.name}> not applied: {e}")
                 return None
-        if tag.start is not None or tag.stop is not None:
-            plan.say(f"<qrlora:{tag.name}>: start=/stop= step windows are not applied in this version; "
-                     "the tag applies at every step")
-        return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet, weights)
+        return Member(tag.name, entry.path, st.st_mtime_ns, st.st_size, d, tag.te, tag.unet, weights, tag.start, tag.stop)
 
-    def _fuse(self, group: list[Member], model: ModelInfo, plan: Plan) -> FusedGroup | None:
-        group = _fusable(group, plan)
+    def _fuse(self, schedule: list[tuple[int, list[Member]]], model: ModelInfo,
+              plan: Plan) -> list[tuple[int, FusedGroup]] | None:
+        """One basis group's members, fused for each entry of its step schedule (one entry
+        without windows); None if nothing of it can be applied."""
+        kept = {m.label for m in _fusable(schedule[0][1], plan)}
+        schedule = [(step, [m for m in members if m.label in kept]) for step, members in schedule]
+        group = schedule[0][1]
         if not group:
             return None
         carrier = next((m for m in group if m.deltar.q), group[0])  # a portable file brings the exact Q
@@ -151,8 +193,8 @@ class Engine:
             plan.say(res.message)
         if res.refused:
             return None
-        fused = self.fuser.fuse(group, res.q)
-        if not fused.layers:
+        fused = [(step, self.fuser.fuse(members, res.q)) for step, members in schedule]
+        if not any(f.layers for _, f in fused):
             plan.say(f"{label}: nothing to apply (all multipliers are 0 or the files are empty)")
             return None
         return fused

@@ -34,6 +34,15 @@ Verified against lllyasviel/stable-diffusion-webui-forge (``dfdcbab``):
   patches would hit such a weight is not added (a message says why and what to choose instead);
   online patches (``forge_online_loras``, merged at each forward by
   ``backend/operations.py`` ``get_weight_and_bias``) work on every storage.
+- Step windows (``start=``/``stop=``): ``modules/sd_samplers_cfg_denoiser.py`` ``forward`` calls
+  ``script_callbacks.cfg_denoiser_callback`` before each model call, and the model call
+  (``backend/sampling/sampling_function.py`` ``sampling_function``) uses
+  ``forge_objects.unet``, the patcher we assigned. Where the plan switches, ``on_step`` swaps
+  our entries of that patcher's ``lora_patches`` (same place in the order) and calls its
+  ``refresh_loras()``: ``LoraLoader.refresh`` sees other identities, puts every backed-up
+  weight back and merges the new set, before this step's model call (lbw switches its
+  strengths the same way). Online patches are moved to the device as ``sampling_prepare``
+  moves them, since they are added after it ran.
 - The loaded weights, for the basis identity of a quantized file: a parameter's original is
   ``lora_loader.backup[name]`` once an offline merge replaced it, else the parameter itself;
   it is read the way ``get_weight_and_bias`` reads it (dequantized, times ``scale_weight``).
@@ -49,7 +58,7 @@ import torch
 
 from . import core, keymap
 from .bases import LoadedModel
-from .engine import UNKNOWN, ModelInfo, report_plan
+from .engine import UNKNOWN, ModelInfo, report_plan, sampling_step
 
 _PLAIN = (torch.float32, torch.float16, torch.bfloat16)
 # GGUF types whose class has a PyTorch quantizer in Forge (packages_3rdparty/gguf/quants.py
@@ -66,11 +75,14 @@ class ForgeAdapter:
         self._patches: OrderedDict = OrderedDict()  # group identity -> {"unet": {...}, "clip": {...}}
         self._shapes: dict = {}  # id(patcher model) -> (weakref to it, {parameter name: shape or UNKNOWN})
         self._sketches: dict = {}  # id(patcher model) -> (weakref to it, {(name, rows): (sketch, storage)})
+        self._keep = 2  # groups whose patches are kept: raised to every group of the last two plans
+        self._sampling = None  # the plan of the pass being sampled, for on_step
 
     def install(self) -> None:
         pass
 
     def uninstall(self) -> None:
+        self._sampling = None
         self._patches.clear()
         self._shapes.clear()
         self._sketches.clear()
@@ -82,14 +94,15 @@ class ForgeAdapter:
         plan = self.engine.plan([list(params.items) for params in params_list], self.model_info(sd_model))
         if plan.groups and getattr(sd_model, "forge_objects", None) is not None:
             online = self._online(sd_model)
-            kept = []
-            for group in plan.groups:
-                problem = "" if online else self._unpatchable(sd_model.forge_objects.unet, self._group_patches(group)["unet"])
+            refused = set()
+            for group in plan.all_groups():
+                problem = "" if online or group.title in refused else self._unpatchable(
+                    sd_model.forge_objects.unet, self._group_patches(group)["unet"])
                 if problem:
+                    refused.add(group.title)
                     plan.say(f"{group.title}: not applied, the model is untouched: {problem}")
-                else:
-                    kept.append(group)
-            plan.groups = kept
+            plan.keep_only(lambda g: g.title not in refused)
+        self._keep = max(2, 2 * len(plan.all_groups()))
         p.qrlora_plan = plan
         report_plan(p, plan, self.engine.options, self.log)
 
@@ -118,29 +131,73 @@ class ForgeAdapter:
             sd_model.forge_objects.clip = clip
 
     def process_before_every_sampling(self, p) -> None:
-        """UNet / transformer patches, right before each sampling pass."""
+        """UNet / transformer patches, right before each sampling pass (those of its first step)."""
         plan = getattr(p, "qrlora_plan", None)
+        self._sampling = None
         if not plan or not plan.groups:
             return
         per_group = [(g, self._group_patches(g)["unet"]) for g in plan.groups]
         per_group = [(g, patches) for g, patches in per_group if patches]
-        if not per_group:
+        if not per_group and not plan.switches:
             return
         objects = p.sd_model.forge_objects
-        unet = objects.unet.clone()
+        unet = objects.unet.clone()  # our own patcher: on_step may change its patches
         online = self._online(p.sd_model)
-        for group, patches in per_group:
-            self._add(unet, group, patches, online, "UNet")
+        added = [self._add(unet, group, patches, online, "UNet") for group, patches in per_group]
+        unet._qrlora_applied = ([g.identity for g in plan.groups], added)
         objects.unet = unet
+        if plan.switches:
+            self._sampling = plan
+
+    def on_step(self, params) -> None:
+        """``on_cfg_denoiser``: at a step where a window opens or closes, our patches on the
+        sampling patcher become that step's and the patcher is refreshed (re-merged); at every
+        other step nothing changes."""
+        plan = self._sampling
+        if plan is None:
+            return
+        p = getattr(getattr(params, "denoiser", None), "p", None)  # Sampler.initialize sets denoiser.p
+        sd_model = getattr(p, "sd_model", None) or self.shared.sd_model
+        unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+        applied = getattr(unet, "_qrlora_applied", None)
+        if applied is None:  # not the patcher we prepared for this pass
+            return
+        groups = plan.groups_at(sampling_step(params))
+        if [g.identity for g in groups] == applied[0]:
+            return
+        online = self._online(sd_model)
+        patches = unet.lora_patches  # changed in place: others may hold the dict
+        ours = set(applied[1])
+        items = list(patches.items())
+        before = next((i for i, (k, _) in enumerate(items) if k in ours), len(items))
+        others = [(k, v) for k, v in items if k not in ours]
+        patches.clear()
+        patches.update(others[:before])
+        added = []
+        for group in groups:
+            group_patches = self._group_patches(group)["unet"]
+            if group_patches:
+                added.append(self._add(unet, group, group_patches, online, "UNet"))
+        patches.update(others[before:])
+        if online:  # sampling_prepare moved the patches to the device before our new ones existed
+            device = getattr(unet, "current_device", None)
+            dtype = getattr(unet.model, "computation_dtype", None)
+            for key in added:
+                _move_patches(patches[key], device, dtype)
+        unet._qrlora_applied = ([g.identity for g in groups], added)
+        unet.refresh_loras()
 
     # ----------------------------------------------------------------- patches
-    def _add(self, patcher, group, patches, online, what) -> None:
-        accepted = patcher.add_patches(filename=f"qrlora:{group.title}:{group.identity}", patches=patches,
+    def _add(self, patcher, group, patches, online, what) -> tuple:
+        """Adds the patches; returns their identity in ``patcher.lora_patches``."""
+        filename = f"qrlora:{group.title}:{group.identity}"
+        accepted = patcher.add_patches(filename=filename, patches=patches,
                                        strength_patch=1.0, strength_model=1.0, online_mode=online)
         if len(accepted) != len(patches):
             missing = [k for k in patches if k not in accepted]
             self.log(f"{group.title}: {len(missing)} of {len(patches)} {what} layers not found in the model "
                      f"(first: {missing[0]})")
+        return (filename, 1.0, 1.0, online)
 
     def _group_patches(self, group) -> dict:
         cached = self._patches.get(group.identity)
@@ -150,7 +207,7 @@ class ForgeAdapter:
                 fp = keymap.forge_param(layer.target, group.arch)
                 cached[fp.component][fp.patch_key] = ("lora", (layer.q, layer.delta, None, None, None))
             self._patches[group.identity] = cached
-            while len(self._patches) > 2:
+            while len(self._patches) > self._keep:
                 self._patches.popitem(last=False)
         return cached
 
@@ -254,6 +311,17 @@ class ForgeAdapter:
                 weight = weight.narrow(*fp.offset)
             held[1][key] = (core.basis.weight_sketch(weight), storage)
         return held[1][key]
+
+
+def _move_patches(per_key: dict, device, dtype) -> None:
+    """Our ``("lora", (Q, ΔR, …))`` entries moved as ``backend/utils.py`` ``nested_move_to_device``
+    moves every patch in ``sampling_prepare`` (which ``sampling_cleanup`` moves back)."""
+    if device is None:
+        return
+    for entries in per_key.values():
+        for entry in entries:
+            kind, value = entry[1]
+            entry[1] = (kind, tuple(v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v for v in value))
 
 
 def _gguf_type(param) -> str:

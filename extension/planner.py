@@ -6,7 +6,8 @@ tag's te or unet multiplier, wᵢ(block) its ``lbw=`` weight for the layer's blo
 applies ``W + Q·ΔR_fused`` once, whatever the number of files. Files that do not fuse (another basis or mask) form separate groups, applied
 one after another.
 Loaded files and fused groups are cached, so changing λ re-fuses small r × in tensors and
-never touches a basis.
+never touches a basis. Tags with step windows (``start=``/``stop=``) give one fused group per
+window change (``windows``), all fused when the prompt is activated.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,6 +33,11 @@ class Member:
     te: float
     unet: float
     blocks: object = None  # blocks.BlockWeights of the tag's lbw=, or None (every block 1)
+    start: int | None = None  # the tag's step window (start= / stop=): None = from the first step
+    stop: int | None = None  # None = to the last step
+
+    def active_at(self, step: int) -> bool:
+        return (self.start is None or self.start <= step) and (self.stop is None or step < self.stop)
 
     def coefficient(self, layer: str) -> float:
         m = self.te if keymap.is_text_encoder(layer) else self.unet
@@ -93,6 +99,24 @@ class FileCache:
             del self._files[p]
 
 
+def windows(members: list[Member]) -> list[tuple[int, list[Member]]]:
+    """The members as they apply from each step on where a window opens or closes:
+    ``[(first step, members)]``, from step 0, one entry per change. A member outside its window
+    keeps its text-encoder multiplier (the prompt is encoded once, before the first step) and
+    gets UNet multiplier 0, so every entry still fuses to one Σ per layer, and the sum over the
+    active members is bit-identical to fusing them alone (adding 0·ΔR changes nothing)."""
+    bounds = sorted({0} | {m.start for m in members if m.start is not None}
+                    | {m.stop for m in members if m.stop is not None})
+    out: list[tuple[int, list[Member]]] = []
+    previous = None
+    for step in bounds:
+        active = tuple(m.active_at(step) for m in members)
+        if active != previous:
+            out.append((step, [m if on else replace(m, unet=0.0) for m, on in zip(members, active)]))
+            previous = active
+    return out
+
+
 def identity(basis_id: str, members: list[Member]) -> str:
     data = [basis_id] + [m.identity_data() for m in members]
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:12]
@@ -102,8 +126,10 @@ class Fuser:
     """Fused groups by identity (a small LRU: the first pass's and the hires pass's)."""
 
     def __init__(self, keep: int = 2):
+        # ``keep`` is raised by the engine to hold every group of the last two plans (a prompt
+        # with step windows has one group per window change)
         self._groups: OrderedDict[str, FusedGroup] = OrderedDict()
-        self._keep = keep
+        self.keep = keep
         self.fusions = 0
 
     def fuse(self, members: list[Member], q: dict[str, torch.Tensor]) -> FusedGroup:
@@ -115,7 +141,7 @@ class Fuser:
         group = fuse(members, q, ident)
         self.fusions += 1
         self._groups[ident] = group
-        while len(self._groups) > self._keep:
+        while len(self._groups) > self.keep:
             self._groups.popitem(last=False)
         return group
 

@@ -8,7 +8,8 @@ against A1111 v1.10 and Forge (same files in both unless noted):
   back to the registered default, so values read correctly with ``--nowebui``);
 - ``modules/script_callbacks.py``: ``on_before_ui`` (runs in API-only mode too;
   ``initialize_rest`` clears the registries after scripts load, hence registering there),
-  ``on_infotext_pasted``, ``on_app_started``, ``on_script_unloaded``;
+  ``on_infotext_pasted``, ``on_app_started``, ``on_script_unloaded``, ``on_cfg_denoiser`` (step
+  windows: ``CFGDenoiserParams`` with its ``denoiser``);
 - ``modules/extra_networks.py``: ``ExtraNetwork``, ``register_extra_network``;
 - ``modules/ui_extra_networks.py``: ``register_page``;
 - ``modules/scripts.py``: ``Script``, ``AlwaysVisible``, ``scripts_data`` (for the X/Y/Z plot
@@ -206,5 +207,6 @@ def setup():
     script_callbacks.on_app_started(lambda demo, app: add_api(engine, app))
     script_callbacks.on_script_unloaded(adapter.uninstall)
     tools_tab.register(script_callbacks, qrlora_dir, basis_dir, log)  # the "QR-LoRA" tab (qrlora.ui)
+    script_callbacks.on_cfg_denoiser(adapter.on_step)  # start=/stop= step windows, before each model call
     setup.engine, setup.adapter = engine, adapter  # for tests and debugging
     return script_class

@@ -87,12 +87,6 @@ def test_bad_block_weights_skip_only_their_tag(host, world, tag, expected):
     check_blocks(host, world, [("style", 0.5, {})])
 
 
-def test_step_window_says_it_is_not_applied(host, world):
-    p = host.generate("<qrlora:dog:0.5:start=2:stop=10>")
-    assert any("start=/stop=" in c and "every step" in c for c in p.comments), p.comments
-    check_blocks(host, world, [("dog", 0.5, {})])
-
-
 def test_paste_keeps_block_weights():
     prompt = "a <qrlora:dog:0.8:lbw=content:te=0> b"
     out = syntax.rewrite_prompt(prompt, {"dog": "aaaaaaaaaaaa"}, {"aaaaaaaaaaaa": "pets/dog2"}.get)

@@ -7,7 +7,9 @@ runs our ``preload.py``, loads ``scripts/qrlora.py`` with ``spec_from_file_locat
 ``extra_networks.initialize()``, as ``initialize_rest`` does). ``close()`` runs the unload
 callbacks and restores ``sys.modules`` and ``sys.path``.
 
-``generate(prompt, hr_prompt=None)`` follows ``modules/processing.py``:
+``generate(prompt, hr_prompt=None)`` follows ``modules/processing.py`` (with ``steps=N``, each
+sampling pass runs N steps through the denoiser loop of ``modules/sd_samplers_cfg_denoiser.py``,
+``on_step(pass, i)`` seeing the weights of step i's model call; without, one model evaluation):
 
 - A1111 ``process_images_inner``: parse the prompt's extra networks, ``extra_networks.activate``,
   sample (every layer runs its forward, which merges lazily), for the hires pass activate the
@@ -161,15 +163,31 @@ class Host:
         self.script_callbacks.model_loaded_callback(sd_model)
 
     # ----------------------------------------------------------------- generations
-    def generate(self, prompt: str, hr_prompt: str | None = None) -> P:
+    def generate(self, prompt: str, hr_prompt: str | None = None, steps: int | None = None,
+                 hr_steps: int | None = None, on_step=None, second_order: bool = False) -> P:
         p = P(self.sd_model, prompt, hr_prompt, scripts=self.runner if self.kind == "forge" else None)
+
+        def sample(which, evaluate):
+            n = steps if which == "first" else (hr_steps or steps)
+            if n is None:
+                evaluate()
+                return
+            from modules import sd_samplers_cfg_denoiser
+
+            def model_call(i):
+                evaluate()
+                if on_step is not None:
+                    on_step(which, i)
+
+            sd_samplers_cfg_denoiser.sample(p, n, model_call, second_order)
+
         if self.kind == "a1111":
             self.extra_networks.activate(p, p.extra_network_data)
-            self.sample_a1111()
+            sample("first", self.sample_a1111)
             if hr_prompt is not None:
                 p.is_hr_pass = True
                 self.extra_networks.activate(p, p.hr_extra_network_data)
-                self.sample_a1111()
+                sample("hires", self.sample_a1111)
                 p.is_hr_pass = False
         else:
             sd = self.sd_model
@@ -180,6 +198,7 @@ class Host:
             sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()  # sample()
             self.runner.process_before_every_sampling(p)
             sd.forge_objects.unet.refresh_loras()  # sampling_prepare: load_models_gpu([unet])
+            sample("first", lambda: None)  # the model computes with the weights as merged
             if hr_prompt is not None:
                 p.is_hr_pass = True
                 self.extra_networks.activate(p, p.hr_extra_network_data)
@@ -188,6 +207,7 @@ class Host:
                 sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
                 self.runner.process_before_every_sampling(p)
                 sd.forge_objects.unet.refresh_loras()
+                sample("hires", lambda: None)
                 p.is_hr_pass = False
         if p.extra_network_data:
             self.extra_networks.deactivate(p, p.extra_network_data)

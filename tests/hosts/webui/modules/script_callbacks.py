@@ -4,7 +4,8 @@ QR-LoRA uses and the ``*_callback`` runners the host calls.
 ``before_ui_callback`` runs after ``initialize_rest`` cleared the extra-network registries,
 also with ``--nowebui``; ``infotext_pasted_callback(infotext, params)``;
 ``app_started_callback(demo, app)``; ``script_unloaded_callback()``;
-``model_loaded_callback(sd_model)``. Each runner catches and reports a callback's exception;
+``model_loaded_callback(sd_model)``; ``cfg_denoiser_callback(params)`` with a
+``CFGDenoiserParams``, from ``CFGDenoiser.forward`` before each model call. Each runner catches and reports a callback's exception;
 ``before_ui`` and ``script_unloaded`` run in reverse registration order.
 """
 
@@ -45,6 +46,25 @@ def on_ui_settings(callback, *, name=None):
     _add("ui_settings", callback)
 
 
+def on_cfg_denoiser(callback, *, name=None):
+    _add("cfg_denoiser", callback)
+
+
+# A1111 v1.10 / Forge modules/script_callbacks.py: CFGDenoiserParams
+
+
+class CFGDenoiserParams:
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        self.x = x
+        self.image_cond = image_cond
+        self.sigma = sigma
+        self.sampling_step = sampling_step  # shared.state.sampling_step: the last finished step
+        self.total_sampling_steps = total_sampling_steps
+        self.text_cond = text_cond
+        self.text_uncond = text_uncond
+        self.denoiser = denoiser  # the CFGDenoiser (its step, steps, total_steps, p)
+
+
 def _run(kind, *args, reverse=False):
     from modules import errors
 
@@ -82,6 +102,13 @@ def app_started_callback(demo, app):
 
 def script_unloaded_callback():
     _run("script_unloaded", reverse=True)
+
+
+# A1111 v1.10 / Forge modules/script_callbacks.py: cfg_denoiser_callback
+
+
+def cfg_denoiser_callback(params):
+    _run("cfg_denoiser", params)
 
 
 def model_loaded_callback(sd_model):

@@ -6,7 +6,7 @@
   load exist in ``--nowebui`` mode; ``Options.__getattr__``: saved value, else the registered
   default, else AttributeError;
 - ``cmd_opts`` (argparse namespace; preload adds ``--qrlora-dir``/``--qrlora-basis-dir``),
-  ``state.textinfo``, ``sd_model``, ``models_path``.
+  ``state.textinfo`` / ``sampling_step`` / ``sampling_steps``, ``sd_model``, ``models_path``.
 """
 
 import argparse
@@ -74,6 +74,8 @@ class Options:
 class State:
     textinfo = None
     interrupted = False
+    sampling_step = 0  # set by the sampler's callback_state after each step
+    sampling_steps = 0
 
 
 models_path = paths.models_path
