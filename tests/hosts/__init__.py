@@ -2,7 +2,8 @@
 A1111 v1.10.1 and Forge ``dfdcbab``; each file cites what it reproduces).
 
 - ``webui/modules``: the ``modules`` package both hosts share (extra_networks, script_callbacks,
-  shared/options, scripts, ui_extra_networks, paths);
+  shared/options, scripts, ui_extra_networks, paths, and the sampling step loop of
+  sd_samplers_cfg_denoiser);
 - ``a1111_lora``: A1111's built-in Lora extension (network, networks, network_lora, lora_patches,
   extra_networks_lora);
 - ``forge``: Forge's ``backend`` (ModelPatcher/UnetPatcher/CLIP, LoraLoader, merge_lora_to_weight)
