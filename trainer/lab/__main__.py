@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("heldout", "vocabulary_max_cosine", "train_seconds")}))
+    print(json.dumps({k: report.get(k) for k in ("heldout", "vocabulary_max_cosine", "word_mixing", "train_seconds", "load_average")}))
     return 0
 
 

@@ -156,9 +156,43 @@ def fresh_unet(seed: int, attention: str = "low", factor: int = 2):
         return UNet2DConditionModel(**unet_config(attention, factor))
 
 
+# Word-vector text encoders (``word_vector_encoders``): how much of each transformer layer's
+# residual branch is kept, and the token and position embeddings' standard deviations.
+RESIDUAL_SCALE = 1e-3
+TOKEN_STD, POSITION_STD = 1.0, 0.01
+
+
+def word_vector_encoders(components: dict[str, torch.nn.Module]) -> None:
+    """Make both text encoders (in place) pass each token's own vector through: every residual
+    branch's output projection (``self_attn.out_proj``, ``mlp.fc2``) scaled to RESIDUAL_SCALE of
+    its random value, large random token embeddings and small position embeddings, so the
+    hidden state at a position is its word's vector plus a little. Why: random CLIPs with full
+    residual branches mix every word into every later token through causal attention, and the
+    UNet then has to untangle one word (the shape) from captions whose conditionings are 0.93
+    alike; with one vector per word it reads the word directly, and the padding positions are
+    all nearly the same vector, which cross-attention learns to ignore. The scaled matrices stay
+    full-rank (not zero), so a basis or an adapter on them is well defined. Every value is
+    rounded to fp16, as the file stores it, so training sees the file's encoders."""
+    hidden = {"text_encoder": tiny.TE1_HIDDEN, "text_encoder_2": tiny.TE2_HIDDEN}
+    with torch.no_grad():
+        for name, width in hidden.items():
+            for pname, p in components[name].named_parameters():
+                if pname.endswith("token_embedding.weight"):
+                    p.mul_(TOKEN_STD * width**0.5)  # drawn with std 1/sqrt(width)
+                elif pname.endswith("position_embedding.weight"):
+                    p.mul_(POSITION_STD * width**0.5)
+                elif ".self_attn.out_proj." in pname or ".mlp.fc2." in pname:
+                    p.mul_(RESIDUAL_SCALE)
+                else:
+                    continue
+                p.copy_(p.to(tiny.STORE_DTYPE).float())
+
+
 def build(seed: int, attention: str = "low", factor: int = 2) -> dict[str, torch.nn.Module]:
-    """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed``, built VAE."""
+    """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed`` made
+    word-vector encoders (``word_vector_encoders``), built VAE."""
     components = tiny.build_components(seed)
+    word_vector_encoders(components)
     components["unet"] = fresh_unet(seed, attention, factor)
     components["vae"] = block_vae(factor)
     return components
@@ -182,12 +216,23 @@ def write(components: dict[str, torch.nn.Module], path: str, config_dir: str, me
         else:
             module.save_config(folder)
     if scheduler is not None:
-        import json
-
-        from qrlora.checkpoint import write_bytes_atomic
-
         folder = os.path.join(config_dir, "scheduler")
         os.makedirs(folder, exist_ok=True)
-        text = json.dumps({"_class_name": "DDPMScheduler", **{k: v for k, v in scheduler.items() if not k.startswith("_")}},
-                          indent=1, sort_keys=True) + "\n"
-        write_bytes_atomic(os.path.join(folder, "scheduler_config.json"), text.encode("utf-8"))
+        _write_json(os.path.join(folder, "scheduler_config.json"),
+                    {"_class_name": "DDPMScheduler", **{k: v for k, v in scheduler.items() if not k.startswith("_")}})
+        # diffusers' single-file loader reads a pipeline's components from this index (the
+        # tokenizers are CLIP's, passed in by the caller: nothing here is downloaded)
+        _write_json(os.path.join(config_dir, "model_index.json"), {
+            "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]})
+
+
+def _write_json(path: str, value: dict) -> None:
+    import json
+
+    from qrlora.checkpoint import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
