@@ -221,3 +221,16 @@ def test_the_trainer_config_reads_and_overrides_the_prediction_type(v_prediction
     assert load_models(cfg, torch.device("cpu"))[1].noise_scheduler.config.prediction_type == "epsilon"
     with pytest.raises(Exception, match="v_parameterization.*model.prediction_type"):
         load_config(str(toml), ["model.v_parameterization=true"], check_paths=False)
+
+
+def test_pretraining_is_a_function_of_its_recipe_and_a_probe_does_not_change_it(single_threaded):
+    """Two short runs of one recipe give the same weights, also when one of them is probed
+    (the EMA UNet sampled and scored mid-run, as docs/lab.md's probes were)."""
+    recipe = pretrain.Recipe(steps=3, batch_size=4, threads=1)
+    plain = pretrain.train(recipe, say=lambda m: None)["components"]["unet"].state_dict()
+    seen = []
+    probed = pretrain.train(recipe, say=lambda m: None, probe=lambda step, c: seen.append((step, c["unet"].training)),
+                            probe_every=1)["components"]["unet"].state_dict()
+    assert seen == [(1, False), (2, False)]
+    for name, value in plain.items():
+        assert torch.equal(value, probed[name]), name
