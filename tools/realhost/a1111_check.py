@@ -20,6 +20,16 @@ The checks (each recorded pass/fail with its evidence):
   hash points the tag at the file;
 - restore: through the API, tagged then untagged is bit-identical to the first untagged image,
   and ``<qrlora:dog:1>`` is bit-identical to the exported ``<lora:exported:1>``;
+- xyz-lambda, xyz-no-basis-work, xyz-blocks: the built-in X/Y/Z plot script with the "QR-LoRA λ"
+  axis (0, 0.5, 1: λ = 0 is the untagged image, λ = 1 the tagged one, the console shows no basis
+  computed during the sweep) and the "QR-LoRA block weights" axis (content, style, all picked in
+  its dropdown: one cell each, all equal to the plain tag); ``a1111_xyz.py``;
+- lbw-prompt, lbw-paste: ``<qrlora:dog:1:lbw=content>`` typed into the prompt gives the sweep's
+  content cell, is in the infotext, and pasting the infotext restores it;
+- tools-inspect, tools-fuse, tools-ask, tools-overwrite: the "QR-LoRA" tab inspects dog, fuses
+  dog (λ 1) and a second file (λ 0.5, set on the slider) into a new file that is read back and
+  compared with the sum, then asks before replacing it, and replaces it on "Overwrite";
+  ``a1111_tools.py``;
 - card-folders: after the basis was cached, the card page offers no basis-cache folders;
 - api-list, lambda-0.5, cancel, unknown-name, unet-0, unknown-option, api-refresh: the steps of
   the first (API-only) record, rerun: ``<qrlora:dog:0.5>`` equals ``<lora:exported:0.5>``, the
@@ -46,9 +56,13 @@ import sys
 import time
 import urllib.request
 
-from PIL import Image, ImageChops, ImageStat
+from PIL import Image
 
-from a1111_cli import check_cli  # this folder is on sys.path: the file runs as a script
+# this folder is on sys.path: the file runs as a script
+from a1111_cli import check_cli
+from a1111_page import exact, pixel_difference, shrink_png
+from a1111_tools import FILES_WRITTEN, check_tools_tab
+from a1111_xyz import check_grids
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "a photo of a dog"
@@ -92,7 +106,8 @@ class WebUI:
             json.dump({"live_previews_enable": False, "show_progress_every_n_steps": -1}, f)
         for old in (("QRLoRA", "basis"), ("QRLoRA-basis",)):  # the default before and after c9c926e
             shutil.rmtree(os.path.join(self.webui, "models", *old), ignore_errors=True)
-        for leftover in ("QRLoRA/dog.json", "QRLoRA/dog.safetensors", "Lora/exported.safetensors"):
+        for leftover in ("QRLoRA/dog.json", "QRLoRA/dog.safetensors", "Lora/exported.safetensors",
+                         *(f"QRLoRA/{name}" for name in FILES_WRITTEN)):
             path = os.path.join(self.webui, "models", leftover)
             if os.path.exists(path):
                 os.remove(path)
@@ -132,7 +147,11 @@ class WebUI:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; see {self.log_path}")
-            if "Model loaded in" in self.console() and "Running on local URL" in self.console():
+            # "Startup time:" comes after the API and its middleware are added: a request before
+            # then (gradio serves from "Running on local URL" on) makes Starlette build its stack,
+            # and the WebUI's own add_middleware then fails ("Cannot add middleware after an
+            # application has started"), which a loaded machine hits
+            if "Model loaded in" in self.console() and "Startup time:" in self.console():
                 try:
                     self.get("/sdapi/v1/sd-models")
                     return time.perf_counter() - started
@@ -171,34 +190,12 @@ class WebUI:
         return image, json.loads(r["info"])["infotexts"][0], time.perf_counter() - started
 
 
-def pixel_difference(a: Image.Image, b: Image.Image) -> tuple[int, float]:
-    """(max, mean) absolute difference over all pixel values; (0, 0.0) is bit-identical."""
-    diff = ImageChops.difference(a, b)
-    peak = max(high for _, high in diff.getextrema())
-    return peak, sum(ImageStat.Stat(diff).mean) / len(diff.getbands())
-
-
 # ------------------------------------------------------------------ the UI, through a browser
-def shrink_png(path: str, limit: int = 150_000) -> int:
-    """Keep a screenshot under ``limit`` bytes (the repository's rule for docs/img): 256 colours,
-    then halve until it fits."""
-    image = Image.open(path).convert("RGB")
-    while True:
-        image.quantize(256).save(path, optimize=True)
-        if os.path.getsize(path) <= limit or image.width < 200:
-            return os.path.getsize(path)
-        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
-
-
-def exact(text: str):
-    """A has_text pattern for an element whose whole text is ``text`` (Gradio pads with whitespace)."""
-    return re.compile(rf"^\s*{re.escape(text)}\s*$")
-
-
 class UI:
     def __init__(self, page, webui: WebUI, results: Results, shots: str | None):
         self.page, self.webui, self.results, self.shots = page, webui, results, shots
         self.infotext = ""
+        self.images: dict[str, Image.Image] = {}
 
     def screenshot(self, locator, name: str, max_height: int | None = None) -> str:
         if not self.shots:
@@ -211,6 +208,22 @@ class UI:
             self.page.screenshot(path=path, clip={**box, "height": max_height})
         else:
             locator.screenshot(path=path)
+        return f"{name} ({shrink_png(path) // 1000} KB)"
+
+    def screenshot_around(self, locators: list, name: str) -> str:
+        """One screenshot of the smallest rectangle holding every locator (e.g. a script's settings
+        and the gallery beside them), in page coordinates so that it may exceed the viewport."""
+        if not self.shots:
+            return ""
+        os.makedirs(self.shots, exist_ok=True)
+        path = os.path.join(self.shots, name)
+        scroll = self.page.evaluate("() => [window.scrollX, window.scrollY]")
+        boxes = [loc.bounding_box() for loc in locators]
+        left, top = min(b["x"] for b in boxes), min(b["y"] for b in boxes)
+        right = max(b["x"] + b["width"] for b in boxes)
+        bottom = max(b["y"] + b["height"] for b in boxes)
+        self.page.screenshot(path=path, full_page=True, clip={"x": left + scroll[0], "y": top + scroll[1],
+                                                               "width": right - left, "height": bottom - top})
         return f"{name} ({shrink_png(path) // 1000} KB)"
 
     def prompt(self) -> str:
@@ -311,7 +324,8 @@ class UI:
                             f"{changed.group(0) if changed else result[:80]!r}; config.json has {stored}, "
                             f"/sdapi/v1/options {api}")
 
-    def generate(self, prompt: str) -> tuple[Image.Image, str, float]:
+    def fill_generation(self, prompt: str) -> None:
+        """The txt2img tab's Generation page with ``prompt`` and the GEN settings."""
         self.top_tab("txt2img")
         page = self.page
         page.locator("#txt2img_extra_tabs > div > button", has_text=exact("Generation")).click()
@@ -323,13 +337,25 @@ class UI:
             box.press("Tab")
         page.fill("#txt2img_seed input", str(GEN["seed"]))
         page.locator("#txt2img_seed input").press("Tab")
-        before = page.inner_text("#html_info_txt2img")
+
+    def click_generate(self) -> tuple[str, float]:
+        """Generate, wait for the new infotext under the image; returns it and the seconds taken."""
+        page = self.page
+        # every image is saved under a new name, so the gallery's first picture changes even when
+        # the infotext does not (an X/Y/Z grid's infotext is its first cell's)
+        first_image = "() => { const i = gradioApp().querySelector('#txt2img_gallery img'); return i ? i.src : ''; }"
+        before = page.evaluate(first_image)
         started = time.perf_counter()
         page.click("#txt2img_generate")
-        page.wait_for_function("(before) => { const t = gradioApp().querySelector('#html_info_txt2img').innerText;"
-                               " return t !== before && /Steps:/.test(t); }", arg=before, timeout=600_000)
-        seconds = time.perf_counter() - started
-        info = page.inner_text("#html_info_txt2img").strip()
+        page.wait_for_function(f"(before) => ({first_image})() !== before && "
+                               "/Steps:/.test(gradioApp().querySelector('#html_info_txt2img').innerText)",
+                               arg=before, timeout=600_000)
+        return page.inner_text("#html_info_txt2img").strip(), time.perf_counter() - started
+
+    def generate(self, prompt: str) -> tuple[Image.Image, str, float]:
+        self.fill_generation(prompt)
+        info, seconds = self.click_generate()
+        page = self.page
         src = page.locator("#txt2img_gallery img").first.get_attribute("src")
         data = page.request.get(src if src.startswith("http") else self.webui.url + "/" + src.lstrip("/")).body()
         return Image.open(io.BytesIO(data)).convert("RGB"), info, seconds
@@ -338,6 +364,7 @@ class UI:
         plain, _, t_plain = self.generate(PROMPT)
         tagged, info, t_tagged = self.generate(f"{PROMPT} {TAG}")
         self.infotext = info
+        self.images.update(untagged=plain, tagged=tagged)  # the X/Y/Z and lbw= steps compare with them
         peak, mean = pixel_difference(plain, tagged)
         hashes = re.search(r'QR-LoRA hashes: "[^"]*"', info)
         self.results.record("generate", peak > 0 and hashes is not None,
@@ -531,7 +558,9 @@ def main(argv=None) -> int:
             ui = UI(page, webui, results, args.screenshots)
             for name, step in (("card", ui.check_card), ("editor", ui.check_editor),
                                ("settings", ui.check_settings), ("generate", ui.check_generation),
-                               ("paste", ui.check_paste), ("card-folders", ui.check_card_folders)):
+                               ("paste", ui.check_paste), ("grids", lambda: check_grids(ui, PROMPT, TAG)),
+                               ("card-folders", ui.check_card_folders),
+                               ("tools", lambda: check_tools_tab(ui, args.qrlora_python))):
                 results.guarded(name, step)
             browser.close()
         results.guarded("restore", lambda: check_restore(webui, results))
