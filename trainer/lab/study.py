@@ -32,8 +32,9 @@ SCORERS = ("content", "style", "both", "leakage", "retention")
 METHODS = ("base", "qrlora_sum", "lora_sum", "ziplora", "blora")
 ADAPTER_TYPES = ("qrlora", "lora")
 ROLE_KINDS = {"content": "shape", "style": "pattern"}  # the role's concept is a new label of this kind
-# kohya's attention targets less attn2.to_k: a text-key projection of a trained lab base was
-# found numerically singular for a float32 rank-4 basis (docs/lab.md, the striped concept)
+# kohya's attention targets less attn2.to_k, as the striped example had them when the study
+# was first run (a float32 basis then refused one text-key projection; it no longer does):
+# the text keys stay the base's, so the measured figures stay comparable
 DEFAULT_TARGETS = ["unet.*.attn1.to_[qkv]", "unet.*.attn2.to_[qv]", "unet.*.attn[12].to_out.0",
                    "unet.*.ff.net.0.proj", "unet.*.ff.net.2", "unet.*.proj_in", "unet.*.proj_out"]
 
