@@ -76,7 +76,10 @@ class ForgeAdapter:
         self._shapes: dict = {}  # id(patcher model) -> (weakref to it, {parameter name: shape or UNKNOWN})
         self._sketches: dict = {}  # id(patcher model) -> (weakref to it, {(name, rows): (sketch, storage)})
         self._keep = 2  # groups whose patches are kept: raised to every group of the last two plans
-        self._sampling = None  # the plan of the pass being sampled, for on_step
+        # the pass being sampled, for on_step: [plan, identities of the groups applied, their
+        # lora_patches keys]; kept here, not on our patcher, since a script after ours may
+        # sample with its own clone of it (which copies our entries)
+        self._sampling = None
 
     def install(self) -> None:
         pass
@@ -144,30 +147,28 @@ class ForgeAdapter:
         unet = objects.unet.clone()  # our own patcher: on_step may change its patches
         online = self._online(p.sd_model)
         added = [self._add(unet, group, patches, online, "UNet") for group, patches in per_group]
-        unet._qrlora_applied = ([g.identity for g in plan.groups], added)
         objects.unet = unet
         if plan.switches:
-            self._sampling = plan
+            self._sampling = [plan, [g.identity for g in plan.groups], added]
 
     def on_step(self, params) -> None:
         """``on_cfg_denoiser``: at a step where a window opens or closes, our patches on the
         sampling patcher become that step's and the patcher is refreshed (re-merged); at every
         other step nothing changes."""
-        plan = self._sampling
-        if plan is None:
+        if self._sampling is None:
+            return
+        plan, applied, keys = self._sampling
+        groups = plan.groups_at(sampling_step(params))
+        if [g.identity for g in groups] == applied:
             return
         p = getattr(getattr(params, "denoiser", None), "p", None)  # Sampler.initialize sets denoiser.p
         sd_model = getattr(p, "sd_model", None) or self.shared.sd_model
-        unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
-        applied = getattr(unet, "_qrlora_applied", None)
-        if applied is None:  # not the patcher we prepared for this pass
-            return
-        groups = plan.groups_at(sampling_step(params))
-        if [g.identity for g in groups] == applied[0]:
-            return
+        unet = sd_model.forge_objects.unet  # what sampling_function calls: our clone, or a clone of it
+        if unet is getattr(getattr(sd_model, "forge_objects_after_applying_lora", None), "unet", None):
+            return  # never change the patcher every generation starts from
         online = self._online(sd_model)
         patches = unet.lora_patches  # changed in place: others may hold the dict
-        ours = set(applied[1])
+        ours = set(keys)
         items = list(patches.items())
         before = next((i for i, (k, _) in enumerate(items) if k in ours), len(items))
         others = [(k, v) for k, v in items if k not in ours]
@@ -184,7 +185,7 @@ class ForgeAdapter:
             dtype = getattr(unet.model, "computation_dtype", None)
             for key in added:
                 _move_patches(patches[key], device, dtype)
-        unet._qrlora_applied = ([g.identity for g in groups], added)
+        self._sampling = [plan, [g.identity for g in groups], added]
         unet.refresh_loras()
 
     # ----------------------------------------------------------------- patches

@@ -222,3 +222,25 @@ def test_forge_online_patches_switch_too(world):
         dynamic_args["online_lora"] = False
         model.storage_dtype = torch.float32
         h.close()
+
+
+def test_forge_windows_switch_when_a_later_script_clones_the_unet(world):
+    """Scripts after ours (ControlNet, FreeU, …) may sample with their own clone of our patcher
+    (``process_before_every_sampling``: ``unet = forge_objects.unet.clone()``); the windows still
+    switch on the patcher that samples."""
+    h = open_host("forge", world)
+    runner = h.runner
+    ours = runner.process_before_every_sampling
+
+    def with_a_later_script(p, **kwargs):
+        ours(p, **kwargs)
+        p.sd_model.forge_objects.unet = p.sd_model.forge_objects.unet.clone()
+
+    runner.process_before_every_sampling = with_a_later_script
+    try:
+        p = h.generate(PROMPT, steps=6, on_step=lambda which, i: check_step(h, world, [DOG, STYLE], i))
+        assert not p.comments, p.comments
+        h.generate("nothing")
+        check_original(h, h.original)
+    finally:
+        h.close()
