@@ -95,6 +95,8 @@ def test_wilson_intervals_match_known_values():
     assert study.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
     assert study.wilson(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
     assert study.wilson(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+    # none or all of 96: the interval ends exactly at 0 or 1 (the figure's error bars need it)
+    assert study.wilson(0, 96)[0] == 0.0 and study.wilson(96, 96)[1] == 1.0
     assert study.wilson(81, 100) == pytest.approx((0.72222, 0.87494), abs=1e-4)
     # symmetric: k failures read as n - k successes mirror the interval
     lo, hi = study.wilson(30, 96)

@@ -275,7 +275,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends: centre - half is 0 when k = 0 only up to rounding (3e-18 at n = 96)
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
 
 
 def prompt_sets(study: Study) -> dict[str, list[tuple[world.Scene, int]]]:

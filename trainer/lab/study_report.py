@@ -81,8 +81,8 @@ def figure(report: dict, path: str) -> None:
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(scorers))]
         ys = [100 * results[method][s]["fraction"] for s in scorers]
-        err = [[y - 100 * results[method][s]["low"] for y, s in zip(ys, scorers)],
-               [100 * results[method][s]["high"] - y for y, s in zip(ys, scorers)]]
+        err = [[max(0.0, y - 100 * results[method][s]["low"]) for y, s in zip(ys, scorers)],
+               [max(0.0, 100 * results[method][s]["high"] - y) for y, s in zip(ys, scorers)]]
         bars.bar(xs, ys, width, yerr=err, capsize=2, label=METHOD_TITLES[method])
     bars.set_xticks(range(len(scorers)), [SCORER_TITLES[s] for s in scorers])
     bars.set_ylabel("% of samples")
