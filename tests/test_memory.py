@@ -158,7 +158,7 @@ def test_dry_run_prints_the_estimate(tmp_path, single_threaded):
                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "peak GPU memory estimate: tiny-sdxl" in text and "bf16" in text
+    assert "peak GPU memory estimate: lab-base" in text and "bf16" in text  # LAB-DEMO: the demo trains on the lab base
     for row in ("unet weights", "text encoder weights", "adapter gradients", "optimizer state (adamw)",
                 "activations (with gradient checkpointing)", "activations without gradient checkpointing would be",
                 "total", "flash-style SDPA"):

@@ -163,17 +163,6 @@ def test_lora_baseline_trains_and_saves_kohya_format(tmp_path):
     assert not any(k.endswith(".delta_r") for k in sd)
 
 
-def test_demo_config_runs(tmp_path):
-    shutil.copytree(os.path.join(ROOT, "examples", "dog"), tmp_path / "dog")
-    shutil.copy(os.path.join(ROOT, "examples", "demo.toml"), tmp_path / "demo.toml")
-    assert main(["--config", str(tmp_path / "demo.toml"), "--set", "training.output_dir=out",
-                 "--set", "training.max_train_steps=6", "--set", "sampling.sample_every_n_steps=6"]) == 0
-    out = tmp_path / "out"
-    assert (out / "demo_dog.safetensors").exists()
-    samples = sorted(os.listdir(out / "sample"))
-    assert any("_first_" in s for s in samples) and any("_000006_" in s for s in samples)
-
-
 def test_config_errors_exit_2_with_the_message(tmp_path, capsys):
     cfg = write_config(str(tmp_path), extra="learning_rat = 1e-4")
     assert main(["--config", cfg]) == 2
