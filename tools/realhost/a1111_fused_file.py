@@ -16,6 +16,15 @@ import sys
 from qrlora import deltar
 
 
+def raw_metadata(path: str) -> dict:
+    """The file's header metadata as written (``deltar.load`` keeps the ``qrlora.*`` keys out of
+    ``DeltaR.metadata``, which holds only the others)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def compare(fused_path: str, inputs: list[tuple[str, float]]) -> dict:
     fused = deltar.load(fused_path)
     loaded = [(deltar.load(path), weight) for path, weight in inputs]
@@ -28,7 +37,7 @@ def compare(fused_path: str, inputs: list[tuple[str, float]]) -> dict:
         worst = max(worst, float((got - expected).norm() / expected.norm().clamp_min(1e-30)))
     return {"layers": len(fused.layers), "expected_layers": len(names), "basis_id": fused.basis_id,
             "same_basis": all(d.basis_id == fused.basis_id for d, _ in loaded), "max_relative_error": worst,
-            "fused_from": fused.metadata.get("qrlora.fused_from", "")}
+            "fused_from": raw_metadata(fused_path).get("qrlora.fused_from", "")}
 
 
 def main(argv: list[str]) -> None:
