@@ -36,9 +36,11 @@ SHRUNK_PROMPTS = '["a purple striped circle on white --d 10000 --s 8 --l 1", "a 
 def test_a_shrunk_demo_run_prints_the_json_line_and_writes_the_grid(tmp_path):
     out = subprocess.run([sys.executable, "-m", "trainer", "--config", DEMO, "--set", f"training.output_dir={tmp_path}",
                           "--set", "training.max_train_steps=2", "--set", f"sampling.prompts={SHRUNK_PROMPTS}"],
-                         capture_output=True, text=True, cwd=str(tmp_path), env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))  # as a terminal shows it
+    assert out.returncode == 0, out.stdout[-4000:]
+    # the run ENDS with the JSON line: nothing after it, not even the progress bar's last refresh
+    report = json.loads(out.stdout.strip().replace("\r", "\n").splitlines()[-1])
     for key in ("concept_before", "concept_after", "colour_before", "colour_after", "background_before",
                 "background_after", "seconds", "n", "step_after", "grid"):
         assert key in report, key

@@ -326,6 +326,9 @@ class Trainer:
         final = self.save(self.output_name(), final=True)
         if final is None:
             return self.rescue(self.output_name(), final=True)
+        if self.bar is not None:  # its last refresh must come before the summary and the JSON line
+            self.bar.close()
+            self.bar = None
         self.print_end_summary(final)
         if self.cfg.sampling.scorer and self.is_main:  # LAB-DEMO: the before/after figures as one JSON line
             from trainer.sample_scoring import report
