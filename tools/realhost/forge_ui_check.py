@@ -35,14 +35,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 # this folder is on sys.path: the file runs as a script
-from a1111_check import UI, Results, write_report
+from a1111_check import UI, Results, WebUI, write_report
 from a1111_page import choose, exact, gallery_images, pixel_difference
 from a1111_xyz import GridSteps
 from PIL import Image
@@ -57,9 +55,9 @@ GEN = {"width": 64, "height": 64, "steps": 1, "cfg_scale": 1, "distilled_cfg_sca
 GENERATION_TIMEOUT_MS = 1_800_000  # the first generation loads the 16 GiB model: minutes on a busy CPU
 
 
-class Forge:
-    """The Forge process with its UI; the attributes and methods ``a1111_check.UI`` uses
-    (``webui``, ``run_dir``, ``url``, ``console``, ``get``)."""
+class Forge(WebUI):
+    """The Forge process with its UI: the A1111 check's process handling (``stop``, ``console``,
+    ``get``) with Forge's own folders, settings and command line."""
 
     def __init__(self, work: str, port: int):
         self.work = work
@@ -117,23 +115,6 @@ class Forge:
                     pass
             time.sleep(1)
         raise RuntimeError(f"Forge did not start in 900 s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def console(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
-            return json.load(r)
 
 
 class ForgeUI(UI):
