@@ -193,6 +193,9 @@ class WebUI:
 
 # ------------------------------------------------------------------ the UI, through a browser
 class UI:
+    # what differs between hosts in the shared steps (the Forge UI check overrides these)
+    card_name, tag, shot_prefix, wait_ms = "dog", TAG, "a1111", 60_000
+
     def __init__(self, page, webui: WebUI, results: Results, shots: str | None):
         self.page, self.webui, self.results, self.shots = page, webui, results, shots
         self.infotext = ""
@@ -239,8 +242,8 @@ class UI:
     def open_cards(self):
         self.top_tab("txt2img")
         self.page.locator("#txt2img_extra_tabs > div > button", has_text=exact("QR-LoRA")).click()
-        card = self.page.locator('#txt2img_qr-lora_cards .card[data-name="dog"]')
-        card.wait_for(timeout=60_000)
+        card = self.page.locator(f'#txt2img_qr-lora_cards .card[data-name="{self.card_name}"]')
+        card.wait_for(timeout=self.wait_ms)
         return card
 
     def check_card(self) -> None:
@@ -248,8 +251,9 @@ class UI:
         self.set_prompt("")
         card.locator(".name").click()
         prompt = self.prompt()
-        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "a1111-card-page.png", 560)
-        self.results.record("card", TAG in prompt, f"prompt after clicking the card: {prompt!r}; screenshot {shot}")
+        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), f"{self.shot_prefix}-card-page.png", 560)
+        self.results.record("card", self.tag in prompt,
+                            f"prompt after clicking the {self.card_name} card: {prompt!r}; screenshot {shot}")
         self.set_prompt("")
 
     def check_editor(self) -> None:

@@ -121,21 +121,7 @@ class ForgeUI(UI):
     """``a1111_check.UI``'s page helpers (tabs, prompt, screenshots, settings, paste) with the
     Forge steps: the flux-dog card, FLUX's generation fields, longer waits."""
 
-    def open_cards(self):
-        self.top_tab("txt2img")
-        self.page.locator("#txt2img_extra_tabs > div > button", has_text=exact("QR-LoRA")).click()
-        card = self.page.locator(f'#txt2img_qr-lora_cards .card[data-name="{NAME}"]')
-        card.wait_for(timeout=120_000)
-        return card
-
-    def check_card(self) -> None:
-        card = self.open_cards()
-        self.set_prompt("")
-        card.locator(".name").click()
-        prompt = self.prompt()
-        shot = self.screenshot(self.page.locator("#txt2img_extra_tabs"), "forge-card-page.png", 560)
-        self.results.record("card", TAG in prompt, f"prompt after clicking the {NAME} card: {prompt!r}; screenshot {shot}")
-        self.set_prompt("")
+    card_name, tag, shot_prefix, wait_ms = NAME, TAG, "forge", 120_000
 
     def check_editor(self) -> None:
         card = self.open_cards()
