@@ -8,6 +8,14 @@ import json
 import sys
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1", "on"):
+        return True
+    if text.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def main(argv=None) -> int:
     from qrlora.errors import UserError
 
@@ -18,7 +26,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("pretrain", help="train the lab base model on the procedural world")
     p.add_argument("--out", required=True, help="the SGM .safetensors to write (configs go into config/ beside it)")
     for f in dataclasses.fields(Recipe):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        kind = _yes_no if isinstance(f.default, bool) else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     e = sub.add_parser("evaluate", help="score a lab base again (recipe from its .json report) and update the report")
     e.add_argument("checkpoint")
     for name, what in (("concept-data", "write an adapter's concept data set (PNG + captions) and its sample prompts"),

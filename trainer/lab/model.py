@@ -188,11 +188,37 @@ def word_vector_encoders(components: dict[str, torch.nn.Module]) -> None:
                 p.copy_(p.to(tiny.STORE_DTYPE).float())
 
 
-def build(seed: int, attention: str = "low", factor: int = 2) -> dict[str, torch.nn.Module]:
+# The pooled caption summary (``pooled_caption_summary``): the gain of TE2's last attention
+# branch over its residual, and what is left of the matrices that must not matter.
+SUMMARY_GAIN, SUMMARY_RESIDUE = 20.0, 1e-3
+
+
+def pooled_caption_summary(components: dict[str, torch.nn.Module]) -> None:
+    """Make TE2's last layer (in place) write the mean of every token up to the end-of-text
+    token into that token, so SDXL's pooled text embedding (``text_embeds``, read at that
+    token after the last layer) summarises the whole caption. The UNet adds it to its timestep
+    embedding, which reaches every residual block: the class conditioning a small UNet learns
+    fastest. Cross-attention still reads the penultimate layer's word vectors, which this layer
+    does not touch. Construction: queries and keys scaled to SUMMARY_RESIDUE (uniform causal
+    attention), values the identity, output projection SUMMARY_GAIN times the identity (both
+    plus SUMMARY_RESIDUE of their random values, so every matrix stays full-rank)."""
+    layer = components["text_encoder_2"].text_model.encoder.layers[-1]
+    attn = layer.self_attn
+    with torch.no_grad():
+        for lin, gain in ((attn.q_proj, 0.0), (attn.k_proj, 0.0), (attn.v_proj, 1.0), (attn.out_proj, SUMMARY_GAIN)):
+            eye = torch.eye(lin.weight.shape[0], lin.weight.shape[1])
+            lin.weight.copy_((gain * eye + SUMMARY_RESIDUE * lin.weight).to(tiny.STORE_DTYPE).float())
+            lin.bias.zero_()
+
+
+def build(seed: int, attention: str = "low", factor: int = 2, pooled_summary: bool = True) -> dict[str, torch.nn.Module]:
     """All four components: fresh UNet, the tiny SDXL's text encoders for ``seed`` made
-    word-vector encoders (``word_vector_encoders``), built VAE."""
+    word-vector encoders (``word_vector_encoders``) with a pooled caption summary
+    (``pooled_caption_summary``, unless ``pooled_summary`` is False), built VAE."""
     components = tiny.build_components(seed)
     word_vector_encoders(components)
+    if pooled_summary:
+        pooled_caption_summary(components)
     components["unet"] = fresh_unet(seed, attention, factor)
     components["vae"] = block_vae(factor)
     return components

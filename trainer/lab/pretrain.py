@@ -62,6 +62,7 @@ class Recipe:
     prediction_type: str = "v_prediction"  # or "epsilon" (recorded in config/scheduler/)
     attention: str = "both"  # cross-attention at both levels, or at the low level only ("low", SDXL's layout)
     vae_factor: int = 2  # 2: the 2x2-block VAE (16x16 latents); 1: pixel space behind an identity VAE
+    pooled_summary: bool = True  # TE2's pooled output summarises the caption (model.pooled_caption_summary)
 
 
 def base_combinations() -> tuple[list, set]:
@@ -143,7 +144,7 @@ def train(recipe: Recipe, say=print, probe=None, probe_every: int = 0) -> dict:
 
     torch.set_num_threads(recipe.threads)
     family = get_family("sdxl")
-    components = lab_model.build(recipe.seed, recipe.attention, recipe.vae_factor)
+    components = lab_model.build(recipe.seed, recipe.attention, recipe.vae_factor, recipe.pooled_summary)
     models = memory_models(components, family, recipe.prediction_type)
     train_combos, _ = base_combinations()
     captions = sorted({world.caption(world.Scene(*c, 16, 16, 16)) for c in train_combos}) + [""]
