@@ -46,7 +46,7 @@ def test_a_shrunk_demo_run_prints_the_json_line_and_writes_the_grid(tmp_path):
         assert key in report, key
     assert report["n"] == 4 and report["step_after"] == 2 and report["seconds"] > 0
     assert 0 <= report["concept_before"] <= 1 and 0 <= report["concept_after"] <= 1
-    # the last step was not on the sampling schedule (every 150 steps): its samples were made at the end
+    # the last step was not on the sampling schedule (every 500 steps): its samples were made at the end
     samples = os.listdir(tmp_path / "sample")
     assert sum("_first_" in s for s in samples) == sum("_000002_" in s for s in samples) == 4
     grid = Image.open(report["grid"]).convert("RGB")
