@@ -92,6 +92,10 @@ class Results:
 
 # ------------------------------------------------------------------ the WebUI process
 class WebUI:
+    # what other scripts change (a1111_lab.py: the lab base and the sgm/latent-factor variables)
+    checkpoint = "tiny-sdxl.safetensors"  # under models/Stable-diffusion
+    extra_env: dict[str, str] | None = None
+
     def __init__(self, webui: str, work: str, port: int):
         self.webui, self.work, self.port = webui, work, port
         self.run_dir = os.path.join(work, "run")
@@ -132,10 +136,11 @@ class WebUI:
 
     def start(self, log_name: str = "webui.log") -> float:
         self.log_path = os.path.join(self.run_dir, log_name)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(self.work, "hf"))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(self.work, "hf"),
+                   **(self.extra_env or {}))
         cmd = [os.path.join(self.work, "venv", "bin", "python"), "launch.py", "--skip-prepare-environment",
                "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
-               "--ckpt", "models/Stable-diffusion/tiny-sdxl.safetensors", "--use-cpu", "all", "--no-half",
+               "--ckpt", "models/Stable-diffusion/" + self.checkpoint, "--use-cpu", "all", "--no-half",
                "--precision", "full", "--disable-nan-check", "--api", "--port", str(self.port),
                "--ui-settings-file", os.path.join(self.run_dir, "config.json")]
         print("[check] $ " + " ".join(cmd), flush=True)

@@ -24,7 +24,11 @@ so rerunning it after a failure continues where it stopped. What it does, and wh
 5. TE2: an open_clip model config ``tiny-sdxl-te2.json`` in the venv's open_clip package.
 6. sgm hard-codes 32 GroupNorm groups; the tiny model has 8-channel layers and was made
    with 4 groups, so the three places in ``repositories/generative-models/sgm`` are edited
-   to 4 (``patch_sgm_groupnorm``). This changes the WebUI copy only, never this project.
+   to read the groups from environment variables, 4 when unset (``patch_sgm_groupnorm``;
+   the lab base needs 8 in the UNet and 1 in the VAE), and A1111's latent factor
+   (``opt_f = 8`` in ``modules/processing.py``) likewise, 8 when unset
+   (``patch_latent_factor``; the lab base's VAE has factor 2). This changes the WebUI copy
+   only, never this project.
 7. This project symlinked as ``extensions/qrlora``.
 8. A venv for the check (``WORK/check-venv``: Playwright and Pillow); the browser is Debian's
    chromium (``apt-get install chromium``), as Playwright's own download may not be reachable.
@@ -182,9 +186,10 @@ def load_json(path: str) -> dict:
         return json.load(f)
 
 
-def sgm_config(configs: str, clip_folder: str) -> dict:
+def sgm_config(configs: str, clip_folder: str, te2_arch: str = TINY_NAME + "-te2") -> dict:
     """The WebUI's model config (an sgm ``DiffusionEngine``) for the tiny SDXL, read off the
-    tiny model's diffusers configs. Written as JSON, which YAML readers accept."""
+    tiny model's diffusers configs (``a1111_lab.py`` adapts it to the lab base). Written as
+    JSON, which YAML readers accept. ``te2_arch``: TE2's open_clip config name."""
     unet = load_json(os.path.join(configs, "unet", "config.json"))
     vae = load_json(os.path.join(configs, "vae", "config.json"))
     te1 = load_json(os.path.join(configs, "text_encoder", "config.json"))
@@ -227,7 +232,7 @@ def sgm_config(configs: str, clip_folder: str) -> dict:
              # the penultimate hidden state, as SDXL uses
              "params": {"layer": "hidden", "layer_idx": te1["num_hidden_layers"] - 1, "version": clip_folder}},
             {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-             "params": {"arch": TINY_NAME + "-te2", "version": None, "freeze": True, "layer": "penultimate",
+             "params": {"arch": te2_arch, "version": None, "freeze": True, "layer": "penultimate",
                         "always_return_pooled": True, "legacy": False}},
             timestep_embedder("original_size_as_tuple"),
             timestep_embedder("crop_coords_top_left"),
@@ -274,19 +279,21 @@ def prepare_model(webui: str, work: str, py: str) -> str:
     return checkpoint
 
 
-def prepare_clip_tokenizer(work: str, configs: str) -> str:
-    """CLIP's full tokenizer, derived offline from open_clip's BPE file, with the tiny TE1's config."""
+def prepare_clip_tokenizer(work: str, configs: str, folder_name: str = "clip-tiny",
+                           checkpoint: str | None = None) -> str:
+    """CLIP's full tokenizer, derived offline from open_clip's BPE file, with TE1's config (from
+    ``configs``) and weights (from ``checkpoint``, default the tiny SDXL) in ``WORK/folder_name``."""
     from trainer.tokenizers import BOS, EOS, full_clip_tokenizer_folder
 
     derived = full_clip_tokenizer_folder(os.path.join(work, "tokenizer-cache"))
     if derived is None:
         raise SystemExit("open_clip's BPE file is missing: pip install --no-deps open-clip-torch into this Python")
-    folder = os.path.join(work, "clip-tiny")
+    folder = os.path.join(work, folder_name)
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(derived):
         shutil.copyfile(os.path.join(derived, name), os.path.join(folder, name))
     shutil.copyfile(os.path.join(configs, "text_encoder", "config.json"), os.path.join(folder, "config.json"))
-    write_te1_weights(os.path.join(work, "tiny", TINY_NAME + ".safetensors"), folder)
+    write_te1_weights(checkpoint or os.path.join(work, "tiny", TINY_NAME + ".safetensors"), folder)
     with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, f)
     return folder
@@ -305,30 +312,63 @@ def write_te1_weights(checkpoint: str, folder: str) -> None:
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
-# ------------------------------------------------------------------ 6. sgm GroupNorm
-SGM_GROUPNORM_EDITS = {  # file under sgm/ -> (text, replacement); 32 groups -> the tiny model's 4
-    "modules/diffusionmodules/model.py": ("def Normalize(in_channels, num_groups=32):",
-                                          f"def Normalize(in_channels, num_groups={GROUPS}):  # qrlora realhost"),
-    "modules/attention.py": ("num_groups=32, num_channels=in_channels",
-                             f"num_groups={GROUPS}, num_channels=in_channels"),
-    "modules/diffusionmodules/util.py": ("return GroupNorm32(32, channels)",
-                                         f"return GroupNorm32({GROUPS}, channels)  # qrlora realhost"),
+# ------------------------------------------------------------------ 6. sgm GroupNorm, A1111's latent factor
+# sgm hard-codes 32 GroupNorm groups. The patched copy reads the groups from the environment
+# when sgm is imported, so one copy serves the tiny model (4 everywhere, the default) and the
+# lab base (``a1111_lab.py``: UNet 8, VAE 1) in separate WebUI processes.
+UNET_GROUPS_VAR, VAE_GROUPS_VAR = "QRLORA_SGM_UNET_GROUPS", "QRLORA_SGM_VAE_GROUPS"
+
+
+def _from_env(var: str, default: int) -> str:
+    # sgm's files import os under other names or not at all: no import line is added
+    return f'int(__import__("os").environ.get("{var}", "{default}"))'
+
+
+SGM_GROUPNORM_EDITS = {  # file under sgm/ -> (texts it may hold: original first, then older patches; replacement)
+    "modules/diffusionmodules/model.py": (  # the VAE's Normalize
+        ("def Normalize(in_channels, num_groups=32):", f"def Normalize(in_channels, num_groups={GROUPS}):  # qrlora realhost"),
+        f"def Normalize(in_channels, num_groups={_from_env(VAE_GROUPS_VAR, GROUPS)}):  # qrlora realhost"),
+    "modules/attention.py": (  # the UNet's SpatialTransformer norm
+        ("num_groups=32, num_channels=in_channels", f"num_groups={GROUPS}, num_channels=in_channels"),
+        f"num_groups={_from_env(UNET_GROUPS_VAR, GROUPS)}, num_channels=in_channels"),
+    "modules/diffusionmodules/util.py": (  # the UNet's ResBlocks
+        ("return GroupNorm32(32, channels)", f"return GroupNorm32({GROUPS}, channels)  # qrlora realhost"),
+        f"return GroupNorm32({_from_env(UNET_GROUPS_VAR, GROUPS)}, channels)  # qrlora realhost"),
 }
+
+
+def replace_once(path: str, olds: tuple[str, ...], new: str) -> None:
+    """Replace the first of ``olds`` found (each must occur once) by ``new``; nothing if ``new`` is
+    there. Line endings are kept as they are (A1111's processing.py has CRLF)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if new in text:
+        return
+    for old in olds:
+        if text.count(old) == 1:
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                f.write(text.replace(old, new))
+            return
+    raise SystemExit(f"{path}: expected '{olds[0]}' exactly once; is this the pinned commit?")
 
 
 def patch_sgm_groupnorm(webui: str) -> None:
     sgm = os.path.join(webui, "repositories", "generative-models", "sgm")
-    for rel, (old, new) in SGM_GROUPNORM_EDITS.items():
-        path = os.path.join(sgm, rel)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if new in text:
-            continue
-        if text.count(old) != 1:
-            raise SystemExit(f"{path}: expected '{old}' exactly once; is this generative-models 45c443b?")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text.replace(old, new))
-    log(f"sgm: GroupNorm uses {GROUPS} groups")
+    for rel, (olds, new) in SGM_GROUPNORM_EDITS.items():
+        replace_once(os.path.join(sgm, rel), olds, new)
+    log(f"sgm: GroupNorm groups from ${UNET_GROUPS_VAR} (UNet) and ${VAE_GROUPS_VAR} (VAE), default {GROUPS}")
+
+
+# A1111 sizes the initial latent as image size // 8 (``opt_f``), SDXL's VAE factor; the lab base's
+# VAE has factor 2. The patched copy reads it from the environment (default 8, unchanged).
+LATENT_FACTOR_VAR = "QRLORA_A1111_LATENT_FACTOR"
+
+
+def patch_latent_factor(webui: str) -> None:
+    # the line's own ending (CRLF in v1.10.1) stays after the replaced text
+    replace_once(os.path.join(webui, "modules", "processing.py"), ("\nopt_f = 8",),
+                 f'\nopt_f = int(os.environ.get("{LATENT_FACTOR_VAR}", "8"))  # qrlora realhost')
+    log(f"processing.py: the latent factor from ${LATENT_FACTOR_VAR}, default 8")
 
 
 # ------------------------------------------------------------------ 7. the extension
@@ -372,6 +412,7 @@ def main(argv=None) -> None:
     py = prepare_venv(webui, work, args.python)
     checkpoint = prepare_model(webui, work, py)
     patch_sgm_groupnorm(webui)
+    patch_latent_factor(webui)
     link_extension(webui)
     prepare_check_venv(work, args.python)
     log("done")
