@@ -159,7 +159,7 @@ def deltar_basis_id(path: str) -> str:
         return f.metadata()["qrlora.basis_id"]
 
 
-# ------------------------------------------------------------------ 2.-3. the WebUI and the generations
+# ------------------------------------------------------------------ 2.-4. the WebUI and the generations
 class LabWebUI(WebUI):
     checkpoint = NAME + ".safetensors"
 
@@ -221,7 +221,7 @@ def session(webui: LabWebUI, prompts, ways: dict, log_name: str, size_scale: int
     return out
 
 
-# ------------------------------------------------------------------ 4. scores
+# ------------------------------------------------------------------ 5. scores
 def judge(image: Image.Image, caption: str) -> dict[str, bool]:
     """The lab scorer's reading of one image against its caption: striped, colour, shape and
     background kept (candidates: the base world's shapes and patterns, and ``striped``)."""
@@ -235,7 +235,8 @@ def judge(image: Image.Image, caption: str) -> dict[str, bool]:
             "shape": reading.shape == shape, "background": reading.background == background}
 
 
-def fractions(images: list[Image.Image], prompts) -> dict[str, int]:
+def counts(images: list[Image.Image], prompts) -> dict[str, int]:
+    """How many of the images show stripes, and keep their caption's colour, shape, background."""
     judged = [judge(image, p.prompt) for image, p in zip(images, prompts)]
     return {key: sum(j[key] for j in judged) for key in ("striped", "colour", "shape", "background")}
 
@@ -307,9 +308,9 @@ def main(argv=None) -> int:
         for path in installed["copies"]:
             os.remove(path)
     images = {label: imgs for run in runs for label, imgs in run["images"].items()}
-    scores = {label: fractions(imgs, prompts) for label, imgs in images.items() if label != "untagged again"}
+    scores = {label: counts(imgs, prompts) for label, imgs in images.items() if label != "untagged again"}
     trainer = trainer_samples(args.demo, prompts)
-    scores.update({label: fractions(imgs, prompts) for label, imgs in trainer.items()})
+    scores.update({label: counts(imgs, prompts) for label, imgs in trainer.items()})
     restored = compare(images["untagged"], images["untagged again"])
     # the same schedule as the trainer's sampler should give the trainer's images, up to rounding
     before = trainer.get("trainer, before training")
