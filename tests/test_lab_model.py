@@ -125,13 +125,13 @@ def test_pooled_text_embedding_summarises_the_caption_without_touching_the_word_
     summary = family.encode_prompts(pretrain.memory_models(model.build(0), family), captions)
     plain = family.encode_prompts(pretrain.memory_models(model.build(0, pooled_summary=False), family), captions)
     assert torch.equal(summary["encoder_hidden_states"], plain["encoder_hidden_states"])
-    for conds, at_least in ((summary, 0.2), (plain, 0.0)):
+    changes = {}
+    for name, conds in (("summary", summary), ("plain", plain)):
         pooled = torch.nn.functional.normalize(conds["text_embeds"], dim=-1)
-        change = [(1 - pooled[0] @ pooled[i]).item() for i in (1, 2, 3)]  # shape, colour, background word
-        if at_least:
-            assert min(change) > at_least, change
-        else:  # without it the pooled embedding hardly moves: the end token's own vector dominates
-            assert max(change) < 0.01, change
+        changes[name] = [(1 - pooled[0] @ pooled[i]).item() for i in (1, 2, 3)]  # shape, colour, background word
+    # one word of seven tokens moves the summary's direction by 8-14 % (1 - cos); without the
+    # summary the end token's own vector swamps it: below 1e-4
+    assert min(changes["summary"]) > 0.05 and max(changes["plain"]) < 1e-4, changes
 
 
 def test_diffusers_single_file_loader_reads_the_lab_base_with_its_config_folder(v_prediction_lab_file, single_threaded):

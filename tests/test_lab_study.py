@@ -164,11 +164,12 @@ def interrupted_then_resumed(study_folder):
 
     mp = pytest.MonkeyPatch()
     try:
+        mp.chdir(study_folder)  # the output folder given relative to the working directory, as the docs' command does
         mp.setattr(study, "train_adapter", first_run)
         with pytest.raises(KeyboardInterrupt):
-            study.run_study(str(study_folder / "study.toml"), str(out))
+            study.run_study(str(study_folder / "study.toml"), "out")
         mp.setattr(study, "train_adapter", second_run)
-        report = study.run_study(str(study_folder / "study.toml"), str(out))
+        report = study.run_study(str(study_folder / "study.toml"), "out")
     finally:
         mp.undo()
     return out, trained, report

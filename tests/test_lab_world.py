@@ -29,6 +29,18 @@ def test_captions_use_the_vocabulary():
     assert world.caption(world.Scene("blue", "star", "striped", "gray", 16, 16, 18)) == "a blue striped star on gray"
 
 
+def test_shapes_sit_near_the_centre_at_sizes_in_range(truth):
+    """The centred world the base was trained on: every centre within JITTER (1.5 px) of the
+    image centre on each axis, both ends of the ranges reached."""
+    scenes, _ = truth
+    middle = world.IMAGE_SIZE / 2
+    offsets = [max(abs(s.cx - middle), abs(s.cy - middle)) for s in scenes]
+    sizes = [s.size for s in scenes]
+    assert max(offsets) <= world.JITTER == 1.5 and max(offsets) > 1.4
+    assert world.MIN_SIZE == 16 and world.MAX_SIZE == 22
+    assert world.MIN_SIZE <= min(sizes) < world.MIN_SIZE + 0.2 and world.MAX_SIZE - 0.2 < max(sizes) <= world.MAX_SIZE
+
+
 def test_shapes_stay_inside_the_image_with_a_margin(truth):
     scenes, images = truth
     for s, image in zip(scenes, images):

@@ -29,7 +29,9 @@ from .concept import vocabulary
 from .pretrain import BASE_VOCABULARY
 
 SCORERS = ("content", "style", "both", "leakage", "retention")
-METHODS = ("base", "qrlora_sum", "lora_sum", "ziplora", "blora")
+# each adapter alone (the reference a merge is measured against), then the four merges
+METHODS = ("base", "qrlora_content", "qrlora_style", "lora_content", "lora_style",
+           "qrlora_sum", "lora_sum", "ziplora", "blora")
 ADAPTER_TYPES = ("qrlora", "lora")
 ROLE_KINDS = {"content": "shape", "style": "pattern"}  # the role's concept is a new label of this kind
 # kohya's attention targets less attn2.to_k, as the striped example had them when the study
@@ -371,6 +373,13 @@ def combine(study: Study, record: dict) -> tuple[dict, dict]:
         started = time.time()
         if method == "base":
             deltas[method] = {}
+        elif method in ("qrlora_content", "qrlora_style", "lora_content", "lora_style"):
+            adapter_type, role = method.split("_")
+            weight = weights[0] if role == "content" else weights[1]
+            if adapter_type == "qrlora":  # through the same fusion as the sum, of one file
+                deltas[method] = merges.qrlora_sum([(role, qr_c if role == "content" else qr_s, weight)], q)
+            else:
+                deltas[method] = merges.lora_sum([(lora_c if role == "content" else lora_s, weight)])
         elif method == "qrlora_sum":
             deltas[method] = merges.qrlora_sum([("content", qr_c, weights[0]), ("style", qr_s, weights[1])], q)
         elif method == "lora_sum":
@@ -416,6 +425,7 @@ def run_study(config_path: str, out: str, say=print) -> dict:
     from .study_report import write_outputs
 
     study = load_study(config_path)
+    out = os.path.abspath(out)  # the adapters' configs name their folders, and paths in a config are relative to it
     started, load_before = time.time(), os.getloadavg()
     os.makedirs(out, exist_ok=True)
     threads = torch.get_num_threads()

@@ -10,6 +10,10 @@ from qrlora.checkpoint import atomic_output, write_bytes_atomic
 
 METHOD_TITLES = {
     "base": "base (no adapter)",
+    "qrlora_content": "QR-LoRA content alone",
+    "qrlora_style": "QR-LoRA style alone",
+    "lora_content": "LoRA content alone",
+    "lora_style": "LoRA style alone",
     "qrlora_sum": "QR-LoRA Σλ·ΔR",
     "lora_sum": "LoRA sum",
     "ziplora": "ZipLoRA merge",
@@ -76,7 +80,7 @@ def figure(report: dict, path: str) -> None:
     results = report["results"]
     methods = list(results)
     scorers = list(results[methods[0]])
-    fig, (bars, lines) = plt.subplots(2, 1, figsize=(11, 8.5))
+    fig, (bars, lines) = plt.subplots(2, 1, figsize=(12, 9))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(scorers))]
@@ -89,7 +93,7 @@ def figure(report: dict, path: str) -> None:
     bars.set_ylim(0, 105)
     n = results[methods[0]][scorers[0]]["n"]
     bars.set_title(f"Merging a content and a style adapter on the lab base ({n} samples per bar, 95 % Wilson intervals)")
-    bars.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    bars.legend(fontsize=8, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     sim = report["similarity"]
     for key, values in sim["per_layer"].items():
         lines.plot(range(len(values)), values, marker=".", linewidth=0.9, **SIMILARITY_STYLES[key],
