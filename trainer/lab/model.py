@@ -1,5 +1,6 @@
 """The lab base model: an SDXL-architecture UNet, the tiny SDXL's two text encoders (frozen,
-random), and a built VAE, written as an SGM single file like any SDXL checkpoint.
+rebuilt to pass each word's vector through and to summarise the caption in the pooled
+embedding), and a built VAE, written as an SGM single file like any SDXL checkpoint.
 
 The VAE is constructed, not trained: its latent is the mean colour of each 2x2 pixel block
 (channels 0-2, RGB in [-1, 1]; channel 3 is 0), with a log-variance at diffusers' floor

@@ -1,7 +1,7 @@
 """Pretraining the lab base model on the world (``python -m trainer.lab pretrain``).
 
-Only the UNet trains. The text encoders are the tiny SDXL's random ones, frozen: they already
-separate the vocabulary (``vocabulary_separation``), so every caption's conditioning is
+Only the UNet trains. The text encoders are built, not trained (``model.word_vector_encoders``
+and ``model.pooled_caption_summary``) and stay frozen, so every caption's conditioning is
 computed once. Images are drawn fresh every step from a generator seeded by (seed, step), and
 each step's noise and timesteps likewise, so a run is a function of its recipe (and the
 thread count, through float summation order). The loss, noise schedule, conditioning and
