@@ -285,8 +285,24 @@ class SDXLFamily(ModelFamily):
 
     def sample(self, models, prompt, negative_prompt="", width=None, height=None, steps=30, guidance_scale=7.5,
                seed=None, sampler="euler_a", extra=None):
-        import diffusers
         from PIL import Image
+
+        factor = self.vae_scale_factor(models)
+        w0, h0 = self.default_size(models)
+        # like kohya: round down to what the VAE can represent
+        width, height = (max(factor, v - v % factor) for v in (width or w0, height or h0))
+        generator = torch.Generator("cpu").manual_seed(secrets.randbits(31) if seed is None else int(seed))
+        image = self.sample_images(models, [prompt], [generator], width, height, steps, guidance_scale, sampler,
+                                   negative_prompt)
+        array = ((image[0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array)
+
+    def sample_images(self, models, prompts, generators, width, height, steps, guidance_scale, sampler="euler_a",
+                      negative_prompt="") -> torch.Tensor:
+        """(N, 3, H, W) float images in [-1, 1] for N prompts at once, image i drawn with
+        generators[i] alone (its initial noise and, for ancestral samplers, every step's), so
+        it equals the same prompt sampled by itself. ``width``/``height``: multiples of the VAE factor."""
+        import diffusers
 
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -295,30 +311,25 @@ class SDXLFamily(ModelFamily):
         unet, vae = models.denoiser, models.vae
         device, dtype = unet.device, unet.dtype
         factor = self.vae_scale_factor(models)
-        w0, h0 = self.default_size(models)
-        # like kohya: round down to what the VAE can represent
-        width, height = (max(factor, v - v % factor) for v in (width or w0, height or h0))
-        generator = torch.Generator("cpu").manual_seed(secrets.randbits(31) if seed is None else int(seed))
-
+        b = len(prompts)
         cfg = guidance_scale > 1.0
-        conds = self.encode_prompts(models, [negative_prompt or "", prompt] if cfg else [prompt])
+        conds = self.encode_prompts(models, ([negative_prompt or ""] * b if cfg else []) + list(prompts))
         n = conds["text_embeds"].shape[0]
         hidden, pooled = conds["encoder_hidden_states"].to(device, dtype), conds["text_embeds"].to(device, dtype)
         ids = torch.tensor([[height, width, 0, 0, height, width]] * n, device=device, dtype=dtype)
 
         scheduler.set_timesteps(steps, device=device)
         shape = (1, unet.config.in_channels, height // factor, width // factor)
-        latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device) * scheduler.init_noise_sigma
         with torch.no_grad():
             for t in scheduler.timesteps:
-                inp = scheduler.scale_model_input(torch.cat([latents] * n), t)
+                inp = scheduler.scale_model_input(torch.cat([latents] * (n // b)), t)
                 pred = unet(inp.to(dtype), t, encoder_hidden_states=hidden,
                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.float()
                 if cfg:
                     uncond, cond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)
-                latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+                latents = scheduler.step(pred, t, latents, generator=list(generators)).prev_sample
             shift = getattr(vae.config, "shift_factor", None) or 0.0
-            image = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(array)
+            images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return images.float().clamp(-1, 1)
