@@ -198,9 +198,9 @@ def pooled_caption_summary(components: dict[str, torch.nn.Module]) -> None:
     """Make TE2's last layer (in place) write the mean of every token up to the end-of-text
     token into that token, so SDXL's pooled text embedding (``text_embeds``, read at that
     token after the last layer) summarises the whole caption. The UNet adds it to its timestep
-    embedding, which reaches every residual block: the class conditioning a small UNet learns
-    fastest. Cross-attention still reads the penultimate layer's word vectors, which this layer
-    does not touch. Construction: queries and keys scaled to SUMMARY_RESIDUE (uniform causal
+    embedding, which reaches every residual block. Cross-attention still reads the penultimate
+    layer's word vectors, which this layer does not touch. Measured: the base reaches its shape
+    goal with or without it (docs/lab.md, runs 5 and 5b); the committed base has it. Construction: queries and keys scaled to SUMMARY_RESIDUE (uniform causal
     attention), values the identity, output projection SUMMARY_GAIN times the identity (both
     plus SUMMARY_RESIDUE of their random values, so every matrix stays full-rank)."""
     layer = components["text_encoder_2"].text_model.encoder.layers[-1]
