@@ -143,28 +143,34 @@ class WebUI:
                "--ckpt", "models/Stable-diffusion/" + self.checkpoint, "--use-cpu", "all", "--no-half",
                "--precision", "full", "--disable-nan-check", "--api", "--port", str(self.port),
                "--ui-settings-file", os.path.join(self.run_dir, "config.json")]
+        # "Startup time:" comes after the API and its middleware are added: a request before
+        # then (gradio serves from "Running on local URL" on) makes Starlette build its stack,
+        # and the WebUI's own add_middleware then fails ("Cannot add middleware after an
+        # application has started"), which a loaded machine hits
+        return self.launch(cmd, env, 600, ("Model loaded in", "Startup time:"), "/sdapi/v1/sd-models", "the WebUI")
+
+    def launch(self, cmd: list[str], env: dict, seconds: int, ready: tuple[str, ...], probe: str, name: str) -> float:
+        """Run ``cmd`` in its own session (so that stop() ends it and only it), logging to
+        ``log_path``, until the console shows every ``ready`` line and ``probe`` answers;
+        returns the seconds taken."""
         print("[check] $ " + " ".join(cmd), flush=True)
         started = time.perf_counter()
-        log = open(self.log_path, "w")
-        # its own session, so that stop() can end the WebUI and only it
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the process writes to it until stop())
         self.proc = subprocess.Popen(cmd, cwd=self.webui, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + 600
+        deadline = time.time() + seconds
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the WebUI exited with {self.proc.returncode}; see {self.log_path}")
-            # "Startup time:" comes after the API and its middleware are added: a request before
-            # then (gradio serves from "Running on local URL" on) makes Starlette build its stack,
-            # and the WebUI's own add_middleware then fails ("Cannot add middleware after an
-            # application has started"), which a loaded machine hits
-            if "Model loaded in" in self.console() and "Startup time:" in self.console():
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}; see {self.log_path}")
+            console = self.console()
+            if all(line in console for line in ready):
                 try:
-                    self.get("/sdapi/v1/sd-models")
+                    self.get(probe)
                     return time.perf_counter() - started
                 except OSError:
                     pass
             time.sleep(1)
-        raise RuntimeError(f"the WebUI did not start in 600 s; see {self.log_path}")
+        raise RuntimeError(f"{name} did not start in {seconds} s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -200,6 +206,8 @@ class WebUI:
 class UI:
     # what differs between hosts in the shared steps (the Forge UI check overrides these)
     card_name, tag, shot_prefix, wait_ms = "dog", TAG, "a1111", 60_000
+    generation, generation_fields = GEN, ("width", "height", "steps", "cfg_scale")  # what fill_generation types
+    generation_timeout_ms, generation_polling = 600_000, "raf"  # click_generate's wait for the new image
 
     def __init__(self, page, webui: WebUI, results: Results, shots: str | None):
         self.page, self.webui, self.results, self.shots = page, webui, results, shots
@@ -280,15 +288,7 @@ class UI:
         slider.fill(str(CARD_WEIGHT))
         slider.press("Enter")
         editor.get_by_role("button", name="Save").click()
-        saved = os.path.join(self.webui.webui, "models", "QRLoRA", "dog.json")
-        weight = None
-        for _ in range(60):
-            if os.path.isfile(saved):
-                with open(saved, encoding="utf-8") as f:
-                    weight = json.load(f).get("preferred weight")
-                if weight is not None:
-                    break
-            time.sleep(0.5)
+        weight = self.saved_card_weight()
         self.page.keyboard.press("Escape")
         self.set_prompt("")
         self.page.wait_for_timeout(1000)
@@ -298,6 +298,21 @@ class UI:
         self.results.record("editor-save", weight == CARD_WEIGHT and f"<qrlora:dog:{CARD_WEIGHT}>" in prompt,
                             f"dog.json 'preferred weight' = {weight}; the card then inserts {prompt.strip()!r}")
         self.set_prompt("")
+
+    def saved_card_weight(self) -> float | None:
+        """The 'preferred weight' the card editor's Save wrote into ``<card>.json`` (waiting up
+        to half of ``wait_ms`` for the file), or None."""
+        saved = os.path.join(self.webui.webui, "models", "QRLoRA", f"{self.card_name}.json")
+        deadline = time.monotonic() + self.wait_ms / 2000
+        while True:
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    weight = json.load(f).get("preferred weight")
+                if weight is not None or time.monotonic() > deadline:
+                    return weight
+            elif time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
 
     def check_settings(self) -> None:
         self.top_tab("Settings")
@@ -340,12 +355,11 @@ class UI:
         page = self.page
         page.locator("#txt2img_extra_tabs > div > button", has_text=exact("Generation")).click()
         self.set_prompt(prompt)
-        for field, value in (("width", GEN["width"]), ("height", GEN["height"]), ("steps", GEN["steps"]),
-                             ("cfg_scale", GEN["cfg_scale"])):
+        for field in self.generation_fields:
             box = page.locator(f"#txt2img_{field} input[type=number]")
-            box.fill(str(value))
+            box.fill(str(self.generation[field]))
             box.press("Tab")
-        page.fill("#txt2img_seed input", str(GEN["seed"]))
+        page.fill("#txt2img_seed input", str(self.generation["seed"]))
         page.locator("#txt2img_seed input").press("Tab")
 
     def click_generate(self) -> tuple[str, float]:
@@ -359,7 +373,7 @@ class UI:
         page.click("#txt2img_generate")
         page.wait_for_function(f"(before) => ({first_image})() !== before && "
                                "/Steps:/.test(gradioApp().querySelector('#html_info_txt2img').innerText)",
-                               arg=before, timeout=600_000)
+                               arg=before, timeout=self.generation_timeout_ms, polling=self.generation_polling)
         return page.inner_text("#html_info_txt2img").strip(), time.perf_counter() - started
 
     def generate(self, prompt: str) -> tuple[Image.Image, str, float]:
@@ -400,11 +414,18 @@ class UI:
         steps = self.page.input_value("#txt2img_steps input[type=number]")
         self.results.record("paste", restored.strip() == f"{PROMPT} {TAG}" and steps == str(GEN["steps"]),
                             f"prompt {restored!r}, steps {steps} after pasting the infotext")
-        renamed = self.infotext.replace(TAG, "<qrlora:olddog:1>")
-        renamed = re.sub(r'(QR-LoRA hashes: "[^"]*?)\bdog:', r"\1olddog:", renamed)
+        self.check_paste_renamed()
+
+    def check_paste_renamed(self) -> None:
+        """The generated infotext with the card's name changed to 'olddog' (its hash kept)
+        pastes as the card's own tag: the extension finds the file by its hash."""
+        if "QR-LoRA hashes" not in self.infotext:
+            raise RuntimeError("no infotext with QR-LoRA hashes from the generation step")
+        renamed = self.infotext.replace(self.tag, "<qrlora:olddog:1>")
+        renamed = re.sub(rf'(QR-LoRA hashes: "[^"]*?)\b{re.escape(self.card_name)}:', r"\1olddog:", renamed)
         restored = self.paste(renamed)
-        self.results.record("paste-renamed", TAG in restored and "olddog" not in restored,
-                            f"infotext naming 'olddog' with dog's hash pastes as {restored!r}")
+        self.results.record("paste-renamed", self.tag in restored and "olddog" not in restored,
+                            f"the infotext naming 'olddog' with {self.card_name}'s hash pastes as {restored!r}")
         self.set_prompt("")
 
     def check_card_folders(self) -> None:
@@ -537,6 +558,20 @@ def default_qrlora_python() -> str:
     return venv if os.path.isfile(venv) else "python3"
 
 
+def open_page(playwright, chromium: str, url: str):
+    """(browser, page, seconds): the WebUI's page in chromium, once it is usable."""
+    browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    started = time.perf_counter()
+    page.goto(url + "/", timeout=300_000)
+    page.wait_for_selector("#txt2img_prompt textarea", timeout=300_000)
+    # the WebUI's JavaScript options arrive after the page: a card clicked before then writes
+    # "undefined" (the WebUI's own separator option is the sign they are there)
+    page.wait_for_function("() => typeof opts !== 'undefined' && "
+                           "opts.extra_networks_add_text_separator !== undefined", timeout=120_000)
+    return browser, page, time.perf_counter() - started
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--webui", required=True, help="the A1111 checkout a1111_setup.py prepared")
@@ -556,16 +591,7 @@ def main(argv=None) -> int:
     try:
         timings["WebUI start (UI and model)"] = webui.start()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            started = time.perf_counter()
-            page.goto(webui.url + "/", timeout=300_000)
-            page.wait_for_selector("#txt2img_prompt textarea", timeout=300_000)
-            # the WebUI's JavaScript options arrive after the page: a card clicked before then
-            # writes "undefined" (the WebUI's own separator option is the sign they are there)
-            page.wait_for_function("() => typeof opts !== 'undefined' && "
-                                   "opts.extra_networks_add_text_separator !== undefined", timeout=120_000)
-            timings["UI page load"] = time.perf_counter() - started
+            browser, page, timings["UI page load"] = open_page(p, args.chromium, webui.url)
             ui = UI(page, webui, results, args.screenshots)
             for name, step in (("card", ui.check_card), ("editor", ui.check_editor),
                                ("settings", ui.check_settings), ("generate", ui.check_generation),

@@ -410,7 +410,7 @@ def main(argv=None) -> None:
     git_dirs = dict(item.split("=", 1) for item in args.git_dir)
     prepare_repositories(webui, git_dirs)
     py = prepare_venv(webui, work, args.python)
-    checkpoint = prepare_model(webui, work, py)
+    prepare_model(webui, work, py)
     patch_sgm_groupnorm(webui)
     patch_latent_factor(webui)
     link_extension(webui)

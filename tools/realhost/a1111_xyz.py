@@ -33,7 +33,7 @@ class GridSteps:
         choose(self.page.locator("#tab_txt2img #script_list"), title)
 
     def axis_values_dropdown(self, axis: str = "x"):
-        return self.page.locator(f"#tab_txt2img .gradio-dropdown:visible",
+        return self.page.locator("#tab_txt2img .gradio-dropdown:visible",
                                  has=self.page.locator("span", has_text=exact(f"{axis.upper()} values")))
 
     def run_grid(self, axis_label: str, values: tuple[str, ...], shot: str) -> tuple[list, float, str, str]:

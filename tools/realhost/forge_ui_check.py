@@ -40,7 +40,7 @@ import sys
 import time
 
 # this folder is on sys.path: the file runs as a script
-from a1111_check import UI, Results, WebUI, write_report
+from a1111_check import UI, Results, WebUI, open_page, write_report
 from a1111_page import choose, exact, gallery_images, pixel_difference
 from a1111_xyz import GridSteps
 from PIL import Image
@@ -95,26 +95,8 @@ class Forge(WebUI):
                "--always-cpu", "--skip-torch-cuda-test", "--skip-version-check", "--no-hashing", "--api",
                "--port", str(self.port), "--ui-settings-file", os.path.join(self.run_dir, "config.json"),
                "--ckpt", "models/Stable-diffusion/flux1-dev-rand-fp8.safetensors"]
-        print("[check] $ " + " ".join(cmd), flush=True)
-        started = time.perf_counter()
-        # its own session, so that stop() ends Forge and only it
-        log = open(self.log_path, "wb")  # noqa: SIM115 (Forge writes to it until stop())
-        self.proc = subprocess.Popen(cmd, cwd=self.webui, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Forge exited with {self.proc.returncode}; see {self.log_path}")
-            # no request before "Startup time:": one between "Running on local URL" and the API's
-            # set-up makes the server refuse the API's middleware (see the A1111 check)
-            if "Startup time:" in self.console():
-                try:
-                    self.get("/sdapi/v1/samplers")
-                    return time.perf_counter() - started
-                except OSError:
-                    pass
-            time.sleep(1)
-        raise RuntimeError(f"Forge did not start in 900 s; see {self.log_path}")
+        # no request before "Startup time:" (see WebUI.start)
+        return self.launch(cmd, env, 900, ("Startup time:",), "/sdapi/v1/samplers", "Forge")
 
 
 class ForgeUI(UI):
@@ -122,6 +104,8 @@ class ForgeUI(UI):
     Forge steps: the flux-dog card, FLUX's generation fields, longer waits."""
 
     card_name, tag, shot_prefix, wait_ms = NAME, TAG, "forge", 120_000
+    generation, generation_fields = GEN, ("width", "height", "steps", "cfg_scale", "distilled_cfg_scale")
+    generation_timeout_ms, generation_polling = GENERATION_TIMEOUT_MS, 2000
 
     def check_editor(self) -> None:
         card = self.open_cards()
@@ -134,15 +118,7 @@ class ForgeUI(UI):
         slider.press("Enter")
         shot = self.screenshot(editor, "forge-card-editor.png")
         editor.get_by_role("button", name="Save").click()
-        saved = os.path.join(self.webui.webui, "models", "QRLoRA", f"{NAME}.json")
-        weight = None
-        for _ in range(120):
-            if os.path.isfile(saved):
-                with open(saved, encoding="utf-8") as f:
-                    weight = json.load(f).get("preferred weight")
-                if weight is not None:
-                    break
-            time.sleep(0.5)
+        weight = self.saved_card_weight()
         self.page.keyboard.press("Escape")
         self.set_prompt("")
         self.page.wait_for_timeout(1000)
@@ -227,29 +203,6 @@ class ForgeUI(UI):
         self.set_prompt("")
 
     # ------------------------------------------------------------ generation
-    def fill_generation(self, prompt: str) -> None:
-        self.top_tab("txt2img")
-        page = self.page
-        page.locator("#txt2img_extra_tabs > div > button", has_text=exact("Generation")).click()
-        self.set_prompt(prompt)
-        for field in ("width", "height", "steps", "cfg_scale", "distilled_cfg_scale"):
-            box = page.locator(f"#txt2img_{field} input[type=number]")
-            box.fill(str(GEN[field]))
-            box.press("Tab")
-        page.fill("#txt2img_seed input", str(GEN["seed"]))
-        page.locator("#txt2img_seed input").press("Tab")
-
-    def click_generate(self) -> tuple[str, float]:
-        page = self.page
-        first_image = "() => { const i = gradioApp().querySelector('#txt2img_gallery img'); return i ? i.src : ''; }"
-        before = page.evaluate(first_image)
-        started = time.perf_counter()
-        page.click("#txt2img_generate")
-        page.wait_for_function(f"(before) => ({first_image})() !== before && "
-                               "/Steps:/.test(gradioApp().querySelector('#html_info_txt2img').innerText)",
-                               arg=before, timeout=GENERATION_TIMEOUT_MS, polling=2000)
-        return page.inner_text("#html_info_txt2img").strip(), time.perf_counter() - started
-
     def check_generate(self) -> None:
         self.fill_generation(f"{PROMPT} {TAG}")
         mark = len(self.webui.console())
@@ -265,16 +218,6 @@ class ForgeUI(UI):
                             f"UI Generate '{PROMPT} {TAG}', 64x64, 1 step, seed {GEN['seed']}: {seconds:.1f} s "
                             f"(includes loading the model); infotext "
                             f"{hashes.group(0) if hashes else 'has no QR-LoRA hashes'}; console {said}; screenshot {shot}")
-
-    def check_paste_renamed(self) -> None:
-        if "QR-LoRA hashes" not in self.infotext:
-            raise RuntimeError("no infotext with QR-LoRA hashes from the generate step")
-        renamed = self.infotext.replace(TAG, "<qrlora:olddog:1>")
-        renamed = re.sub(rf'(QR-LoRA hashes: "[^"]*?){re.escape(NAME)}:', r"\1olddog:", renamed)
-        restored = self.paste(renamed)
-        self.results.record("paste-renamed", TAG in restored and "olddog" not in restored,
-                            f"the generated infotext naming 'olddog' with {NAME}'s hash pastes as {restored!r}")
-        self.set_prompt("")
 
     def check_xyz(self) -> None:
         grid = GridSteps(self, PROMPT, TAG)
@@ -318,15 +261,7 @@ def main(argv=None) -> int:
             results.record("start", False, str(e))
             raise
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            started = time.perf_counter()
-            page.goto(forge.url + "/", timeout=300_000)
-            page.wait_for_selector("#txt2img_prompt textarea", timeout=300_000)
-            # the page's options arrive after the page: a card clicked before then writes "undefined"
-            page.wait_for_function("() => typeof opts !== 'undefined' && "
-                                   "opts.extra_networks_add_text_separator !== undefined", timeout=120_000)
-            timings["UI page load"] = time.perf_counter() - started
+            browser, page, timings["UI page load"] = open_page(p, args.chromium, forge.url)
             results.record("start", True, f"Forge up with its UI in {timings['Forge start (UI)']:.1f} s, "
                                           f"page usable in {timings['UI page load']:.1f} s")
             ui = ForgeUI(page, forge, results, args.screenshots)
